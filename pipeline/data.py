@@ -1,0 +1,493 @@
+"""Stage 2: conversation records -> chat-formatted, tokenized SFT splits with a data card.
+
+Everything up to rendering is pure functions on plain dicts: read records, assemble
+trees, prune messages, walk threads, check roles, deduplicate, split by tree. Invalid
+records are quarantined with their line numbers; filtered ones are counted by reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+import random
+import re
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pipeline import artifacts
+from pipeline.config import DataConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+ROLES = {"prompter": "user", "assistant": "assistant"}
+REQUIRED = {"message_id": str, "text": str, "role": str}
+
+
+class DataError(RuntimeError):
+    """A systemic problem: the whole build is wrong, not one record."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]:
+    """Yield (line number, record, reason it is unreadable, raw line) for a .jsonl(.gz) file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, None, "invalid_utf8", raw.decode("utf-8", "replace")
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                yield number, None, "malformed_json", text
+                continue
+            if not isinstance(record, dict):
+                yield number, None, "not_an_object", text
+                continue
+            yield number, record, None, text
+
+
+def read_records(source: str, hub_splits: Iterable[str]) -> Iterator[tuple[int, dict | None, str | None, str]]:
+    path = Path(source)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield number, record, None, ""
+    elif path.exists():
+        yield from read_lines(path)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        from datasets import load_dataset
+
+        number = 0
+        for split in hub_splits:
+            for record in load_dataset(source, split=split):
+                number += 1
+                yield number, record, None, ""
+    else:
+        raise DataError(f"data source {source!r} is neither a file nor a Hub dataset id")
+
+
+def detect_layout(record: dict) -> str:
+    if isinstance(record.get("prompt"), dict):
+        return "trees"
+    if "message_id" in record and "parent_id" in record:
+        return "messages"
+    raise DataError(f"unrecognised record layout with keys {sorted(record)[:12]}")
+
+
+def message_problem(message: dict) -> str | None:
+    """Why a message cannot be used at all (quarantined), or None."""
+    for key, kind in REQUIRED.items():
+        if not isinstance(message.get(key), kind):
+            return f"missing_or_bad_{key}"
+    if message["role"] not in ROLES:
+        return "unknown_role"
+    text = message["text"]
+    if "\x00" in text:
+        return "nul_byte"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone_surrogate"
+    if not text.strip():
+        return "empty_text"
+    rank = message.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)):
+        return "missing_or_bad_rank"
+    return None
+
+
+def trees_from_messages(rows: list[tuple[int, dict]]) -> tuple[list[dict], list[dict]]:
+    """Assemble flat oasst1 messages into nested trees.
+
+    Returns (trees, quarantined). Duplicate ids keep the first; orphans (unknown parent)
+    and messages on a parent cycle are quarantined with every descendant.
+    """
+    quarantined, nodes, lines = [], {}, {}
+    for line, message in rows:
+        mid = message["message_id"]
+        if mid in nodes:
+            quarantined.append({"line": line, "reason": "duplicate_message_id", "message_id": mid})
+            continue
+        nodes[mid] = {k: v for k, v in message.items() if k != "replies"} | {"replies": []}
+        lines[mid] = line
+    roots = []
+    for mid, node in nodes.items():
+        parent = node.get("parent_id")
+        if parent is None:
+            roots.append(node)
+        elif parent in nodes and parent != mid:
+            nodes[parent]["replies"].append(node)
+    reached = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        reached.add(node["message_id"])
+        stack.extend(node["replies"])
+    for mid, node in nodes.items():
+        if mid in reached:
+            continue
+        # Walk up until a missing parent (orphan) or a repeat (cycle), iteratively.
+        seen, cursor = set(), node
+        while cursor is not None and cursor["message_id"] not in seen:
+            seen.add(cursor["message_id"])
+            cursor = nodes.get(cursor.get("parent_id"))
+        reason = "orphan" if cursor is None else "cycle"
+        quarantined.append({"line": lines[mid], "reason": reason, "message_id": mid})
+    trees = [{"message_tree_id": r.get("message_tree_id", r["message_id"]), "tree_state": r.get("tree_state"),
+              "prompt": r} for r in roots]
+    return trees, quarantined
+
+
+def load_trees(source: str, hub_splits: Iterable[str] = ("train",)) -> tuple[list[dict], list[dict], int, str]:
+    """Read either layout into nested trees. Returns (trees, quarantined, records read, layout)."""
+    quarantined, trees, flat, layout, total = [], [], [], None, 0
+    for line, record, problem, raw in read_records(source, hub_splits):
+        total += 1
+        if problem:
+            quarantined.append({"line": line, "reason": problem, "raw": raw[:2000]})
+            continue
+        layout = layout or detect_layout(record)
+        if layout == "trees":
+            if not isinstance(record.get("prompt"), dict):
+                quarantined.append({"line": line, "reason": "missing_or_bad_prompt", "raw": raw[:2000]})
+                continue
+            record["_line"] = line
+            trees.append(record)
+        else:
+            problem = message_problem(record) if "message_id" in record else "missing_or_bad_message_id"
+            if problem and problem != "empty_text":
+                quarantined.append({"line": line, "reason": problem, "raw": raw[:2000]})
+                continue
+            flat.append((line, record))
+    if layout is None:
+        raise DataError(f"{source}: no readable records ({total} lines)")
+    if layout == "messages":
+        trees, orphans = trees_from_messages(flat)
+        quarantined += orphans
+    return trees, quarantined, total, layout
+
+
+# --------------------------------------------------------------------------- filtering and walking
+
+
+def filter_reason(message: dict, cfg: DataConfig) -> str | None:
+    """Why a well-formed message is left out of training (counted, not quarantined), or None."""
+    if message.get("deleted"):
+        return "deleted"
+    if cfg.require_review and message.get("review_result") is not True:
+        return "not_reviewed"
+    if message.get("synthetic") and not cfg.keep_synthetic:
+        return "synthetic"
+    if cfg.languages and message.get("lang") not in cfg.languages:
+        return "language"
+    length = len(message["text"].strip())
+    if length < cfg.min_chars:
+        return "too_short"
+    if length > cfg.max_chars:
+        return "too_long"
+    return None
+
+
+def prune_tree(tree: dict, cfg: DataConfig, quarantined: list, filtered: Counter) -> dict | None:
+    """Copy of the tree's root with unusable messages removed together with their subtrees."""
+    if cfg.tree_states and tree.get("tree_state") not in cfg.tree_states:
+        filtered["tree_state"] += 1
+        return None
+    line, seen = tree.get("_line"), set()
+
+    def keep(message) -> bool:
+        if not isinstance(message, dict):
+            quarantined.append({"line": line, "reason": "not_an_object"})
+            return False
+        problem = message_problem(message)
+        if problem is None and message["message_id"] in seen:
+            problem = "duplicate_message_id"
+        if problem:
+            quarantined.append({"line": line or message.get("_line"), "reason": problem,
+                                "message_id": message.get("message_id")})
+            return False
+        seen.add(message["message_id"])
+        reason = filter_reason(message, cfg)
+        if reason:
+            filtered[reason] += 1
+        return reason is None
+
+    root = tree["prompt"]
+    if not keep(root):
+        return None
+    copy = {k: v for k, v in root.items() if k != "replies"} | {"replies": []}
+    stack = [(root, copy)]
+    while stack:
+        original, pruned = stack.pop()
+        replies = original.get("replies") or []
+        if not isinstance(replies, list):
+            quarantined.append({"line": line, "reason": "missing_or_bad_replies"})
+            continue
+        for reply in replies:
+            if keep(reply):
+                child = {k: v for k, v in reply.items() if k != "replies"} | {"replies": []}
+                pruned["replies"].append(child)
+                stack.append((reply, child))
+    return copy
+
+
+def rank_key(indexed: tuple[int, dict]):
+    index, message = indexed
+    rank = message.get("rank")
+    return (rank is None, rank if rank is not None else 0, index)
+
+
+def best_thread(root: dict) -> list[dict]:
+    """Follow the best-ranked reply at every turn (unranked replies come after ranked ones)."""
+    thread, node = [root], root
+    while node["replies"]:
+        node = min(enumerate(node["replies"]), key=rank_key)[1]
+        thread.append(node)
+    return thread
+
+
+def all_threads(root: dict) -> list[list[dict]]:
+    """Every root-to-leaf path, depth-first, without recursion."""
+    threads, stack = [], [[root]]
+    while stack:
+        path = stack.pop()
+        replies = path[-1]["replies"]
+        if not replies:
+            threads.append(path)
+        stack.extend(path + [reply] for reply in reversed(replies))
+    return threads
+
+
+def trim_to_assistant(thread: list[dict]) -> list[dict]:
+    """A training thread ends on an assistant message: drop trailing prompter turns."""
+    end = len(thread)
+    while end and thread[end - 1]["role"] != "assistant":
+        end -= 1
+    return thread[:end]
+
+
+def alternates(thread: list[dict]) -> bool:
+    return all(m["role"] == ("prompter" if i % 2 == 0 else "assistant") for i, m in enumerate(thread))
+
+
+def conversation_key(thread: list[dict]) -> tuple:
+    return tuple((m["role"], " ".join(m["text"].lower().split())) for m in thread)
+
+
+def extract_threads(trees: list[dict], cfg: DataConfig, quarantined: list, filtered: Counter) -> list[dict]:
+    """Pruned trees -> unique, alternating threads as {tree_id, lang, messages}."""
+    threads, seen = [], set()
+    for tree in trees:
+        root = prune_tree(tree, cfg, quarantined, filtered)
+        if root is None:
+            continue
+        paths = [best_thread(root)] if cfg.threads == "best" else all_threads(root)
+        for path in paths:
+            thread = trim_to_assistant(path)
+            if len(thread) < 2:
+                filtered["no_assistant_reply"] += 1
+                continue
+            if not alternates(thread):
+                filtered["roles_not_alternating"] += 1
+                continue
+            key = conversation_key(thread)
+            if key in seen:
+                filtered["duplicate_conversation"] += 1
+                continue
+            seen.add(key)
+            threads.append({
+                "tree_id": str(tree.get("message_tree_id") or root["message_id"]),
+                "lang": root.get("lang") or "unknown",
+                "messages": [{"role": ROLES[m["role"]], "content": m["text"].strip()} for m in thread],
+            })
+    return threads
+
+
+def split_by_tree(threads: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    tree_ids = sorted({t["tree_id"] for t in threads})
+    random.Random(seed).shuffle(tree_ids)
+    n_val = min(len(tree_ids) - 1, max(1, round(fraction * len(tree_ids)))) if fraction > 0 else 0
+    held_out = set(tree_ids[:n_val])
+    return [t for t in threads if t["tree_id"] not in held_out], [t for t in threads if t["tree_id"] in held_out]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def chat_template_for(tokenizer, choice: str) -> str:
+    """The template used for training and serving; it must mark generations."""
+    if choice == "auto":
+        own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+        if own and re.search(r"\{%-?\s*generation\s*-?%\}", own):
+            return own
+        choice = "chatml" if "<|im_start|>" in tokenizer.get_vocab() else "gemma"
+    path = TEMPLATES / f"{choice}.jinja" if choice in ("gemma", "chatml") else Path(choice)
+    return path.read_text()
+
+
+def end_of_turn_id(tokenizer, template: str) -> int:
+    """The token that closes an assistant turn: the last special token inside the generation block."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    return ids[max(i for i, bit in enumerate(mask) if bit)]
+
+
+def tokenize_threads(threads: list[dict], tokenizer, template: str, max_length: int,
+                     filtered: Counter, batch: int = 512) -> list[dict]:
+    """Render and tokenize with assistant masks; cut over-long threads at a turn boundary."""
+    eot = end_of_turn_id(tokenizer, template)
+    rows = []
+    for start in range(0, len(threads), batch):
+        chunk = threads[start:start + batch]
+        encoded = tokenizer.apply_chat_template(
+            [t["messages"] for t in chunk], chat_template=template, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True)
+        for thread, ids, mask in zip(chunk, encoded["input_ids"], encoded["assistant_masks"]):
+            span_ends = [i + 1 for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+            if any(ids[end - 1] != eot for end in span_ends):
+                raise DataError("the chat template leaves an assistant turn without its end-of-turn token trained")
+            fitting = [end for end in span_ends if end <= max_length]
+            if not fitting:
+                filtered["first_reply_over_max_length"] += 1
+                continue
+            cut = fitting[-1]
+            if cut < len(ids):
+                filtered["truncated_at_turn_boundary"] += 1
+            kept_turns = sum(1 for end in span_ends if end <= cut)
+            rows.append(thread | {
+                "messages": thread["messages"][: 2 * kept_turns],
+                "input_ids": ids[:cut],
+                "assistant_masks": mask[:cut],
+            })
+    return rows
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def length_stats(rows: list[dict]) -> dict:
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    if not lengths:
+        return {}
+    trained = [sum(r["assistant_masks"]) for r in rows]
+    return {
+        "examples": len(lengths),
+        "tokens": sum(lengths),
+        "assistant_tokens": sum(trained),
+        "mean": round(statistics.fmean(lengths), 1),
+        "p50": lengths[len(lengths) // 2],
+        "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
+        "max": lengths[-1],
+    }
+
+
+def build_data(recipe: Recipe, overwrite: bool = False) -> Path:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    cfg, base_dir, out = recipe.data, recipe.out / "base", recipe.out / "data"
+    source = Path(cfg.source)
+    source_id = {"path": str(source.resolve()), "bytes": source.stat().st_size,
+                 "mtime": int(source.stat().st_mtime)} if source.exists() else {"hub": cfg.source}
+    inputs = {"data": dataclasses.asdict(cfg), "source": source_id, "base": artifacts.upstream(base_dir)}
+    if artifacts.begin(out, inputs, overwrite):
+        log.info("data: reusing %s", out)
+        return out
+    start = time.perf_counter()
+    trees, quarantined, n_records, layout = load_trees(cfg.source, cfg.hub_splits)
+    if n_records and len([q for q in quarantined if "raw" in q]) / n_records > cfg.max_skip_rate:
+        raise DataError(f"{cfg.source}: {len(quarantined)} of {n_records} records are unreadable "
+                        f"(over data.max_skip_rate={cfg.max_skip_rate}); first: {quarantined[0]['reason']} "
+                        f"at line {quarantined[0]['line']}")
+    filtered = Counter()
+    threads = extract_threads(trees, cfg, quarantined, filtered)
+    if not threads:
+        raise DataError(f"{cfg.source}: no conversation survived filtering ({dict(filtered)})")
+    train, validation = split_by_tree(threads, cfg.validation_fraction, cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    template = chat_template_for(tokenizer, cfg.chat_template)
+    splits = {name: tokenize_threads(rows, tokenizer, template, cfg.max_length, filtered)
+              for name, rows in (("train", train), ("validation", validation))}
+    if not splits["train"]:
+        raise DataError(f"{cfg.source}: no training example fits data.max_length={cfg.max_length}")
+    for name, rows in splits.items():
+        Dataset.from_list(rows).to_parquet(str(out / f"{name}.parquet"))
+    (out / "chat_template.jinja").write_text(template)
+    with open(out / "quarantine.jsonl", "w") as handle:
+        for item in quarantined:
+            handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+    report = {
+        "source": cfg.source,
+        "layout": layout,
+        "records_read": n_records,
+        "trees": len(trees),
+        "threads": len(threads),
+        "quarantined": dict(Counter(q["reason"] for q in quarantined)),
+        "filtered": dict(filtered),
+        "splits": {name: length_stats(rows) for name, rows in splits.items()},
+        "split_trees": {name: len({r["tree_id"] for r in rows}) for name, rows in splits.items()},
+        "languages": dict(Counter(r["lang"] for rows in splits.values() for r in rows).most_common()),
+        "turns": dict(sorted(Counter(len(r["messages"]) // 2 for r in splits["train"]).items())),
+        "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer, template)),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    artifacts.write_json(out / "report.json", report)
+    (out / "README.md").write_text(data_card(recipe, report))
+    return artifacts.finish(out, "data", inputs, recipe, report)
+
+
+def data_card(recipe: Recipe, report: dict) -> str:
+    """A Hugging Face dataset card for the built splits."""
+    languages = list(report["languages"])
+    lines = [
+        "---",
+        f"language: {json.dumps(languages)}",
+        "task_categories: [text-generation]",
+        f"pretty_name: SFT data for recipe {recipe.name}",
+        "configs:",
+        "- config_name: default",
+        "  data_files: [{split: train, path: train.parquet}, {split: validation, path: validation.parquet}]",
+        "---",
+        f"# SFT data built for `{recipe.name}`",
+        "",
+        "## Source",
+        f"`{report['source']}` ({report['layout']} layout): {report['records_read']} records, "
+        f"{report['trees']} trees, {report['threads']} threads after filtering "
+        f"(`{recipe.data.threads}` thread extraction).",
+        "",
+        "## Splits (by tree; no tree is in both)",
+        "| split | trees | examples | tokens | assistant tokens | mean | p50 | p95 | max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, stats in report["splits"].items():
+        if stats:
+            lines.append(f"| {name} | {report['split_trees'][name]} | {stats['examples']} | {stats['tokens']} | "
+                         f"{stats['assistant_tokens']} | {stats['mean']} | {stats['p50']} | {stats['p95']} | "
+                         f"{stats['max']} |")
+    lines += ["", "## Languages", ", ".join(f"{k}: {v}" for k, v in report["languages"].items()), "",
+              "## Turns per training example", ", ".join(f"{k}: {v}" for k, v in report["turns"].items()), "",
+              "## Dropped", "| reason | count | kind |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v} | quarantined (see quarantine.jsonl) |" for k, v in report["quarantined"].items()]
+    lines += [f"| {k} | {v} | filtered |" for k, v in report["filtered"].items()]
+    lines += ["", "## Format",
+              f"Rendered with the chat template in `chat_template.jinja`; only assistant tokens and the "
+              f"end-of-turn token `{report['end_of_turn_token']}` are trained (`assistant_masks`).", ""]
+    return "\n".join(lines)

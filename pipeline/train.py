@@ -1,0 +1,141 @@
+"""Stage 3: LoRA adapters trained with TRL's SFTTrainer on the tokenized splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from pipeline import artifacts
+from pipeline.config import Recipe, TrainConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["input_ids", "assistant_masks"]
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls are emulated on CPUs without AVX-512 BF16, so fp32 is faster there.
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def attention_implementation(choice: str, model_type: str) -> str:
+    if choice != "auto":
+        return choice
+    # Gemma 2/3 were trained with soft-capping/sliding windows that eager reproduces exactly;
+    # sdpa supports both in transformers 5 and is faster, so it is the default everywhere.
+    return "sdpa"
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(per-device micro batch, gradient accumulation) that make up the recipe's global batch."""
+    micro = min(cfg.micro_batch_size, max(1, cfg.batch_size // world_size))
+    if cfg.batch_size % (micro * world_size):
+        raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by micro_batch_size={micro} x "
+                         f"{world_size} processes")
+    return micro, cfg.batch_size // (micro * world_size)
+
+
+def load_split(data_dir: Path, split: str) -> Dataset:
+    return Dataset.from_parquet(str(data_dir / f"{split}.parquet")).select_columns(TRAIN_COLUMNS)
+
+
+def load_model(path: Path, dtype: torch.dtype, attn: str):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    return model
+
+
+def sft_config(cfg: TrainConfig, recipe: Recipe, output_dir: Path, world_size: int, dtype: torch.dtype) -> SFTConfig:
+    micro, accumulation = batch_layout(cfg, world_size)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        max_length=recipe.data.max_length,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataset_num_proc=recipe.data.num_proc if recipe.data.num_proc > 1 else None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(recipe: Recipe, overwrite: bool = False) -> Path:
+    cfg = recipe.train
+    base_dir, data_dir, out = recipe.out / "base", recipe.out / "data", recipe.out / "adapter"
+    inputs = {"train": dataclasses.asdict(cfg), "max_length": recipe.data.max_length,
+              "base": artifacts.upstream(base_dir), "data": artifacts.upstream(data_dir)}
+    if artifacts.begin(out, inputs, overwrite, keep_partial=cfg.resume):
+        log.info("train: reusing %s", out)
+        return out
+    dtype = compute_dtype(cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, "")) 
+    train_set = load_split(data_dir, "train")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    args = sft_config(cfg, recipe, out / "checkpoints", world_size=_world_size(), dtype=dtype)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                         peft_config=lora)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=_resume_point(out) if cfg.resume else None)
+    seconds = time.perf_counter() - start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(f"training loss is not finite: {losses[-5:]}")
+    trained_tokens = int(sum(sum(m) for m in Dataset.from_parquet(str(data_dir / "train.parquet"))["assistant_masks"]))
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0],
+        "last_logged_loss": losses[-1],
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen or None,
+        "trained_tokens_per_epoch": trained_tokens,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "global_batch": cfg.batch_size,
+        "processes": _world_size(),
+    }
+    return artifacts.finish(out, "train", inputs, recipe, metrics)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _resume_point(out: Path) -> str | None:
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
