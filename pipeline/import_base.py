@@ -109,6 +109,21 @@ def load_source(cfg: BaseConfig, cache: Path):
     return model, tokenizer, kind
 
 
+def cached_import(cfg: BaseConfig) -> Path:
+    """Import `cfg.source` once into the cache and return that safetensors directory."""
+    key = artifacts.fingerprint(dataclasses.asdict(cfg) | {"cache_dir": None})
+    cache = Path(cfg.cache_dir).expanduser() / key
+    if not (cache / "model" / artifacts.COMPLETE).exists():
+        model, tokenizer, kind = load_source(cfg, cache)
+        staging = cache / "model.partial"
+        model.to(getattr(torch, cfg.dtype)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        artifacts.write_json(staging / "source.json", {"source": cfg.source, "kind": kind})
+        (staging / artifacts.COMPLETE).write_text("")
+        staging.rename(cache / "model")
+    return cache / "model"
+
+
 def import_base(recipe: Recipe, overwrite: bool = False) -> Path:
     cfg = recipe.base
     out = recipe.out / "base"
@@ -117,25 +132,15 @@ def import_base(recipe: Recipe, overwrite: bool = False) -> Path:
         log.info("base: reusing %s", out)
         return out
     start = time.perf_counter()
-    cache = Path(cfg.cache_dir).expanduser() / artifacts.fingerprint(inputs)
-    cache_hit = (cache / "model" / artifacts.COMPLETE).exists()
-    if not cache_hit:
-        model, tokenizer, kind = load_source(cfg, cache)
-        model = model.to(getattr(torch, cfg.dtype))
-        staging = cache / "model.partial"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        artifacts.write_json(staging / "source.json", {"source": cfg.source, "kind": kind})
-        (staging / artifacts.COMPLETE).write_text("")
-        staging.rename(cache / "model")
-    artifacts.link_tree(cache / "model", out)
+    cache_hit = (Path(cfg.cache_dir).expanduser() / artifacts.fingerprint(inputs["base"]) / "model").exists()
+    cached = cached_import(cfg)
+    artifacts.link_tree(cached, out)
     (out / artifacts.COMPLETE).unlink()
-    config = AutoConfig.from_pretrained(out)
     metrics = {
         "source_kind": json.loads((out / "source.json").read_text())["kind"],
-        "model_type": config.model_type,
+        "model_type": AutoConfig.from_pretrained(out).model_type,
         "cache_hit": cache_hit,
-        "cache_dir": str(cache),
+        "cache_dir": str(cached),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return artifacts.finish(out, "import-base", inputs, recipe, metrics)
