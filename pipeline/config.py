@@ -173,8 +173,12 @@ def _coerce(value, annotation, where: str):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation) or (object,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float and isinstance(value, int | str) and not isinstance(value, bool):
+        # YAML 1.1 reads `2e-4` (no dot) as a string; users write it that way.
+        try:
+            return float(value)
+        except ValueError:
+            raise RecipeError(f"{where}: expected float, got {value!r}") from None
     if annotation in (object, typing.Any):
         return value
     expected = hint or annotation

@@ -366,10 +366,9 @@ def tokenize_threads(threads: list[dict], tokenizer, template: str, max_length: 
             if not fitting:
                 filtered["first_reply_over_max_length"] += 1
                 continue
-            cut = fitting[-1]
-            if cut < len(ids):
+            cut, kept_turns = fitting[-1], len(fitting)
+            if kept_turns < len(span_ends):
                 filtered["truncated_at_turn_boundary"] += 1
-            kept_turns = sum(1 for end in span_ends if end <= cut)
             rows.append(thread | {
                 "messages": thread["messages"][: 2 * kept_turns],
                 "input_ids": ids[:cut],
