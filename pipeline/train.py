@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
+        # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0],
