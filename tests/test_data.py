@@ -237,3 +237,21 @@ def test_oasst2_sample_filters_states_and_languages(shared_data):
     assert filtered["tree_state"] == 551 - 96  # only ready_for_export trees survive
     assert threads and all(t["lang"] == "en" for t in threads)
     assert len({t["tree_id"] for t in threads}) == len(threads)  # best mode: one thread per tree
+
+
+def test_gzipped_trees_export_and_flat_parquet_load(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    trees = [tree(msg("prompter", f"Q{i}", replies=[msg("assistant", f"A{i}", rank=0)])) for i in range(3)]
+    gz = tmp_path / "t.trees.jsonl.gz"
+    with gzip.open(gz, "wt") as handle:
+        handle.writelines(json.dumps(t) + "\n" for t in trees)
+    parquet = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([{**m, "rank": m["rank"]} for m in flatten(trees)]), parquet)
+    from_gz, _, _, layout_gz = load_trees(str(gz))
+    from_parquet, _, _, layout_pq = load_trees(str(parquet))
+    assert (layout_gz, layout_pq) == ("trees", "messages")
+    assert run_extract(from_gz)[0] == run_extract(from_parquet)[0] and len(run_extract(from_gz)[0]) == 3
