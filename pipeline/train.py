@@ -15,7 +15,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts
+from pipeline import artifacts, distributed
 from pipeline.config import Recipe, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,17 @@ def attention_implementation(choice: str, model_type: str) -> str:
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(per-device micro batch, gradient accumulation) that make up the recipe's global batch."""
-    micro = min(cfg.micro_batch_size, max(1, cfg.batch_size // world_size))
-    if cfg.batch_size % (micro * world_size):
-        raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by micro_batch_size={micro} x "
-                         f"{world_size} processes")
-    return micro, cfg.batch_size // (micro * world_size)
+    """(per-device micro batch, gradient accumulation) that make up the recipe's global batch.
+
+    The micro batch is the largest divisor of the per-process share that fits micro_batch_size, so
+    a recipe trains on the same global batch whatever the number of processes.
+    """
+    if cfg.batch_size % world_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} (the global batch) is not divisible by the "
+                         f"{world_size} processes of this launch; use a multiple of {world_size}")
+    share = cfg.batch_size // world_size
+    micro = max(d for d in range(1, min(cfg.micro_batch_size, share) + 1) if share % d == 0)
+    return micro, share // micro
 
 
 def load_split(data_dir: Path, split: str) -> Dataset:
@@ -82,6 +87,9 @@ def sft_config(cfg: TrainConfig, recipe: Recipe, output_dir: Path, world_size: i
         report_to="none",
         dataset_num_proc=recipe.data.num_proc if recipe.data.num_proc > 1 else None,
         use_cpu=not torch.cuda.is_available(),
+        # Every LoRA weight takes part in every forward; DDP's search for unused ones (its default
+        # for a PEFT model) is an extra autograd traversal per step.
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -90,10 +98,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     base_dir, data_dir, out = recipe.out / "base", recipe.out / "data", recipe.out / "adapter"
     inputs = {"train": dataclasses.asdict(cfg), "max_length": recipe.data.max_length,
               "base": artifacts.upstream(base_dir), "data": artifacts.upstream(data_dir)}
-    if artifacts.begin(out, inputs, overwrite, keep_partial=cfg.resume):
+    if distributed.begin(out, inputs, overwrite, keep_partial=cfg.resume):
         log.info("train: reusing %s", out)
         return out
     dtype = compute_dtype(cfg.dtype)
+    group = distributed.state()
+    # Before the model is loaded: under ZeRO-3 from_pretrained partitions the weights only once
+    # SFTConfig has registered the DeepSpeed config.
+    args = sft_config(cfg, recipe, out / "checkpoints", world_size=group.num_processes, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text()
     if tokenizer.pad_token is None:
@@ -102,9 +114,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     train_set = load_split(data_dir, "train")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    args = sft_config(cfg, recipe, out / "checkpoints", world_size=_world_size(), dtype=dtype)
+    if group.is_main_process:
+        log.info("train: %d process(es) x %d sequences x %d accumulation steps = global batch %d",
+                 group.num_processes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                 cfg.batch_size)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=lora)
+    # Counted before training wraps (FSDP) or partitions (ZeRO-3) the parameters.
+    trainable = trainer.model.get_nb_trainable_parameters()[0]
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_resume_point(out) if cfg.resume else None)
     seconds = time.perf_counter() - start
@@ -112,12 +129,13 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if not losses or not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"training loss is not finite: {losses[-5:]}")
     trained_tokens = int(sum(sum(m) for m in Dataset.from_parquet(str(data_dir / "train.parquet"))["assistant_masks"]))
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        trainer.state.save_to_json(str(out / "trainer_state.json"))
-        # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    # Every process calls save_model (FSDP and ZeRO-3 gather the shards); only the main one writes.
+    trainer.save_model(str(out))
+    if not group.is_main_process:
+        return out
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0],
@@ -126,17 +144,15 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         "seconds": round(seconds, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen or None,
         "trained_tokens_per_epoch": trained_tokens,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "global_batch": cfg.batch_size,
-        "processes": _world_size(),
+        "processes": group.num_processes,
+        "per_device_batch": args.per_device_train_batch_size,
+        "gradient_accumulation": args.gradient_accumulation_steps,
     }
     return artifacts.finish(out, "train", inputs, recipe, metrics)
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _resume_point(out: Path) -> str | None:
