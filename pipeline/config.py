@@ -66,7 +66,8 @@ class DataConfig:
     max_skip_rate: float = 0.5
     """The stage fails if a larger fraction of input records is malformed."""
     num_proc: int = 1
-    """Processes used to render and tokenize."""
+    """Processes used to render and tokenize (forked workers; the output does not depend on it),
+    and by TRL to prepare the training set."""
 
 
 @dataclass
@@ -86,7 +87,9 @@ class TrainConfig:
     batch_size: int = 8
     """Global batch in sequences (packed rows when packing) per optimizer step, across all processes."""
     micro_batch_size: int = 8
-    """Sequences per forward pass on one device; gradient accumulation makes up the global batch."""
+    """Most sequences per forward pass on one device: each process takes batch_size / processes
+    sequences per step, in micro batches of the largest divisor of that share up to this value,
+    with gradient accumulation making up the rest."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
     lr_scheduler: str = "cosine"

@@ -41,6 +41,11 @@ def check_launch() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and on_cpu():
         raise LaunchError("this accelerate config uses FSDP, which shards the model over GPUs, and this machine has "
                           "none; on CPU use recipes/accelerate/cpu-2proc.yaml (data parallel over gloo)")
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if not on_cpu() and per_machine > torch.cuda.device_count():
+        # Otherwise NCCL fails later with "Duplicate GPU detected", after the data stage.
+        raise LaunchError(f"{per_machine} processes per machine but {torch.cuda.device_count()} GPUs: pass "
+                          f"--num_processes {torch.cuda.device_count()} (times the number of machines)")
 
 
 def state() -> PartialState:
