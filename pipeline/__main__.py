@@ -15,7 +15,7 @@ from pipeline.data import build_data
 from pipeline.evaluate import evaluate
 from pipeline.import_base import import_base
 from pipeline.merge import merge
-from pipeline.train import train
+from pipeline.train import batch_layout, train
 
 # The tuned model is evaluated from merged weights, so merge runs before eval.
 STAGES = {
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if group.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     stages = STAGES if args.stage == "sft" else {args.stage: STAGES[args.stage]}
+    if "train" in stages:
+        batch_layout(recipe.train, group.num_processes)  # a global batch the launch cannot split fails now
     for name, run in stages.items():
         path = run_stage(name, run, recipe, args.overwrite, group)
         if group.is_main_process:

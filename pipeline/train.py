@@ -128,7 +128,6 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"training loss is not finite: {losses[-5:]}")
-    trained_tokens = int(sum(sum(m) for m in Dataset.from_parquet(str(data_dir / "train.parquet"))["assistant_masks"]))
     # Every process calls save_model (FSDP and ZeRO-3 gather the shards); only the main one writes.
     trainer.save_model(str(out))
     if not group.is_main_process:
@@ -136,6 +135,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     trainer.state.save_to_json(str(out / "trainer_state.json"))
     # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    trained_tokens = int(sum(sum(m) for m in Dataset.from_parquet(str(data_dir / "train.parquet"))["assistant_masks"]))
     metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0],

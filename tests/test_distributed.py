@@ -140,6 +140,15 @@ def test_batch_that_does_not_divide_is_a_clear_error():
 
 
 @pytest.mark.slow
+def test_launch_that_cannot_split_the_global_batch_fails_before_any_stage(tmp_path):
+    result = launch("cpu-2proc", "sft", "--recipe", "recipes/tiny.yaml", f"--out_dir={tmp_path}",
+                    "--train.batch_size=3", timeout=300)
+    assert result.returncode != 0
+    assert "train.batch_size=3 (the global batch) is not divisible by the 2 processes" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(bool(__import__("importlib").util.find_spec("deepspeed")), reason="DeepSpeed is installed")
 def test_deepspeed_config_without_deepspeed_is_a_clear_error():
     result = launch("deepspeed-zero3", "train", "--recipe", "recipes/tiny.yaml", timeout=120)
