@@ -132,6 +132,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     trainer.save_model(str(out))
     if not group.is_main_process:
         return out
+    # save_model also pickles the TrainingArguments; recipe.yaml and provenance record the run.
+    (out / "training_args.bin").unlink(missing_ok=True)
     trainer.state.save_to_json(str(out / "trainer_state.json"))
     # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -110,7 +110,7 @@ def test_logs_name_processes_and_global_batch(two_processes):
     assert "2 process(es) x 2 sequences x 1 accumulation steps = global batch 4" in two_processes["log"]
 
 
-def test_every_accelerate_config_parses():
+def test_accelerate_configs_are_complete_and_lora_ready():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
     assert {"single-gpu", "multi-gpu", "fsdp", "deepspeed-zero3", "cpu-2proc"} <= names
     for path in CONFIGS.glob("*.yaml"):
