@@ -48,9 +48,9 @@ def test_later_stages_record_what_they_were_built_from(run_dir):
     def provenance(stage):
         return json.loads((run_dir / stage / "provenance.json").read_text())
 
-    assert provenance("train")["inputs"]["data"]["fingerprint"] == provenance("data")["fingerprint"]
-    assert provenance("merge")["inputs"]["adapter"]["fingerprint"] == provenance("train")["fingerprint"]
-    assert provenance("eval")["inputs"]["models"]["tuned"]["fingerprint"] == provenance("merge")["fingerprint"]
+    assert provenance("adapter")["inputs"]["data"]["fingerprint"] == provenance("data")["fingerprint"]
+    assert provenance("merged")["inputs"]["adapter"]["fingerprint"] == provenance("adapter")["fingerprint"]
+    assert provenance("eval")["inputs"]["models"]["tuned"]["fingerprint"] == provenance("merged")["fingerprint"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"base", "tuned"} and metrics["tuned"]["assistant_nll"] < metrics["base"]["assistant_nll"]
 
