@@ -10,8 +10,10 @@ import logging
 import sys
 
 from pipeline import distributed
-from pipeline.config import load_recipe
-from pipeline.data import build_data
+from pipeline.artifacts import StageConflict
+from pipeline.checkpoints import CheckpointError, TrainingInterrupted
+from pipeline.config import RecipeError, load_recipe
+from pipeline.data import DataError, build_data
 from pipeline.evaluate import evaluate
 from pipeline.import_base import import_base
 from pipeline.merge import merge
@@ -27,12 +29,25 @@ STAGES = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     parser.add_argument("stage", choices=[*STAGES, "sft"])
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/small.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace a stage built from another recipe")
     args, overrides = parser.parse_known_args(argv)
+    # Expected failures end with one line that names the cause and a distinct status, not a traceback.
+    try:
+        return run_stages(args, overrides)
+    except TrainingInterrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr, flush=True)
+        return error.exit_status
+    except (RecipeError, StageConflict, DataError, CheckpointError, FloatingPointError,
+            distributed.LaunchError) as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_stages(args, overrides: list[str]) -> int:
     recipe = load_recipe(args.recipe, overrides)
     group = distributed.state()
     # One process speaks for the launch; the others only warn.
@@ -45,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         path = run_stage(name, run, recipe, args.overwrite, group)
         if group.is_main_process:
             print(f"[{name}] -> {path}", flush=True)
+    return 0
 
 
 def run_stage(name, run, recipe, overwrite: bool, group):

@@ -64,7 +64,8 @@ class DataConfig:
     """`auto` (the tokenizer's own if it marks generations, else one matching its special
     tokens), `gemma`, `chatml`, or a path to a Jinja file."""
     max_skip_rate: float = 0.5
-    """The stage fails if a larger fraction of input records is malformed."""
+    """The stage fails if a larger fraction of input records (lines) is invalid: unreadable, malformed or
+    inconsistent (see quarantine.jsonl). Records excluded by the filters above do not count."""
     num_proc: int = 1
     """Processes used to render and tokenize (forked workers; the output does not depend on it),
     and by TRL to prepare the training set."""
@@ -111,9 +112,11 @@ class TrainConfig:
     logging_steps: int = 5
     """Steps between loss logs."""
     save_steps: int = 0
-    """Steps between checkpoints; 0 saves only at the end."""
+    """Steps between checkpoints; 0 saves only when interrupted (SIGTERM/SIGINT). Checkpoints of a
+    finished run are deleted."""
     resume: bool = False
-    """Resume from the newest complete checkpoint in the adapter directory."""
+    """Resume from the newest complete checkpoint (one with a COMPLETE marker) in the adapter directory;
+    partial checkpoints are deleted. Not part of the run's fingerprint: a resumed run equals an uninterrupted one."""
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Stage 2: conversation records -> chat-formatted, tokenized SFT splits with a data card.
 
 Everything up to rendering is pure functions on plain dicts: read records, assemble
-trees, prune messages, walk threads, check roles, deduplicate, split by tree. Invalid
-records are quarantined with their line numbers; filtered ones are counted by reason.
+trees, prune messages, walk threads, check roles, deduplicate, split by tree. Every record
+or thread left out is appended to one `skipped` list as {line, kind, reason, ...}: `invalid`
+(unusable data), `filtered` (usable but excluded by the recipe) or `trimmed` (kept, shortened).
+That list is written to quarantine.jsonl and counted by reason in report.json and the card.
+All walks are iterative, so a 10,000-turn chain cannot overflow the stack.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import multiprocessing
 import random
 import re
 import statistics
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,13 +33,60 @@ log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
 ROLES = {"prompter": "user", "assistant": "assistant"}
 REQUIRED = {"message_id": str, "text": str, "role": str}
+# Optional message fields whose wrong type would otherwise be misread (a string "false" is truthy).
+OPTIONAL = {"parent_id": str, "lang": str, "deleted": bool, "synthetic": bool, "review_result": bool,
+            "replies": list}
+RAW_CHARS = 2000  # raw text kept per quarantined line: enough to find and fix it, not a copy of the data
+MAX_NESTING = 200_000  # JSON nesting levels (two per turn in the trees layout) parsed before a line is refused
 
 
 class DataError(RuntimeError):
     """A systemic problem: the whole build is wrong, not one record."""
 
 
+def skip(skipped: list, kind: str, reason: str, line: int | None, **details) -> None:
+    skipped.append({"line": line, "kind": kind, "reason": reason, **details})
+
+
+def counts(skipped: list, kind: str) -> dict:
+    return dict(Counter(s["reason"] for s in skipped if s["kind"] == kind).most_common())
+
+
 # --------------------------------------------------------------------------- reading
+
+
+def parse_json(text: str):
+    """json.loads, also for deeply nested lines (a long chain in the trees layout nests two levels per
+    turn). CPython's decoder recurses in C, so deep lines are parsed on a thread with a large stack."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        pass
+    depth = text.count("{") + text.count("[")  # an upper bound on the nesting
+    if depth > MAX_NESTING:
+        raise ValueError("too_deep")
+    result = {}
+
+    def work():
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 4 * depth + 1000))
+        try:
+            result["value"] = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            result["error"] = error
+        finally:
+            sys.setrecursionlimit(limit)
+
+    old = threading.stack_size(1 << 29)  # 512 MiB of address space, committed only as used
+    try:
+        worker = threading.Thread(target=work, name="deep-json")
+        worker.start()
+        worker.join()
+    finally:
+        threading.stack_size(old)
+    if "error" in result:
+        raise ValueError("too_deep") from result["error"]
+    return result["value"]
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]:
@@ -50,9 +102,9 @@ def read_lines(path: Path) -> Iterator[tuple[int, dict | None, str | None, str]]
                 yield number, None, "invalid_utf8", raw.decode("utf-8", "replace")
                 continue
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                yield number, None, "malformed_json", text
+                record = parse_json(text)
+            except ValueError as error:  # JSONDecodeError is a ValueError
+                yield number, None, "too_deep" if str(error) == "too_deep" else "malformed_json", text
                 continue
             if not isinstance(record, dict):
                 yield number, None, "not_an_object", text
@@ -81,18 +133,35 @@ def read_records(source: str, hub_splits: Iterable[str]) -> Iterator[tuple[int, 
         raise DataError(f"data source {source!r} is neither a file nor a Hub dataset id")
 
 
-def detect_layout(record: dict) -> str:
-    if isinstance(record.get("prompt"), dict):
+def record_layout(record: dict) -> str | None:
+    """`trees` (one tree per record under `prompt`), `messages` (flat oasst1), or None."""
+    if "prompt" in record:
         return "trees"
-    if "message_id" in record and "parent_id" in record:
+    if "message_id" in record or "parent_id" in record:
         return "messages"
-    raise DataError(f"unrecognised record layout with keys {sorted(record)[:12]}")
+    return None
+
+
+def detect_layout(records: Iterable[dict], source: str = "input") -> str:
+    """The layout of the first recognisable record; one stray record does not decide for the file."""
+    first = None
+    for record in records:
+        layout = record_layout(record)
+        if layout:
+            return layout
+        first = first or record
+    keys = sorted(first)[:12] if first else []
+    raise DataError(f"{source}: unrecognised layout: no record is an OpenAssistant tree (`prompt`) or message "
+                    f"(`message_id`, `parent_id`); first record keys: {keys}")
 
 
 def message_problem(message: dict) -> str | None:
     """Why a message cannot be used at all (quarantined), or None."""
     for key, kind in REQUIRED.items():
         if not isinstance(message.get(key), kind):
+            return f"missing_or_bad_{key}"
+    for key, kind in OPTIONAL.items():
+        if message.get(key) is not None and not isinstance(message[key], kind):
             return f"missing_or_bad_{key}"
     if message["role"] not in ROLES:
         return "unknown_role"
@@ -106,25 +175,36 @@ def message_problem(message: dict) -> str | None:
     if not text.strip():
         return "empty_text"
     rank = message.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float) or rank != rank):
         return "missing_or_bad_rank"
     return None
 
 
-def trees_from_messages(rows: list[tuple[int, dict]]) -> tuple[list[dict], list[dict]]:
-    """Assemble flat oasst1 messages into nested trees.
+def flatten_tree(root: dict) -> list[dict]:
+    """Nested tree -> its messages without `replies`, parents before children (the flat oasst1 layout)."""
+    flat, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        flat.append({k: v for k, v in node.items() if k != "replies"})
+        replies = node.get("replies")
+        stack.extend(reversed(replies) if isinstance(replies, list) else ())
+    return flat
 
-    Returns (trees, quarantined). Duplicate ids keep the first; orphans (unknown parent)
-    and messages on a parent cycle are quarantined with every descendant.
+
+def trees_from_messages(rows: list[tuple[int, dict]], skipped: list) -> list[dict]:
+    """Assemble flat oasst1 messages into nested trees, keeping file order among siblings.
+
+    Duplicate ids keep the first; orphans (unknown parent) and messages on a parent cycle are
+    quarantined with every descendant. Content problems are left to `prune_tree`, so that the
+    replies under a bad message are counted as dropped with it rather than as orphans.
     """
-    quarantined, nodes, lines = [], {}, {}
+    nodes = {}
     for line, message in rows:
         mid = message["message_id"]
         if mid in nodes:
-            quarantined.append({"line": line, "reason": "duplicate_message_id", "message_id": mid})
+            skip(skipped, "invalid", "duplicate_message_id", line, message_id=mid)
             continue
-        nodes[mid] = {k: v for k, v in message.items() if k != "replies"} | {"replies": []}
-        lines[mid] = line
+        nodes[mid] = {k: v for k, v in message.items() if k != "replies"} | {"replies": [], "_line": line}
     roots = []
     for mid, node in nodes.items():
         parent = node.get("parent_id")
@@ -132,8 +212,7 @@ def trees_from_messages(rows: list[tuple[int, dict]]) -> tuple[list[dict], list[
             roots.append(node)
         elif parent in nodes and parent != mid:
             nodes[parent]["replies"].append(node)
-    reached = set()
-    stack = list(roots)
+    reached, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         reached.add(node["message_id"])
@@ -147,39 +226,44 @@ def trees_from_messages(rows: list[tuple[int, dict]]) -> tuple[list[dict], list[
             seen.add(cursor["message_id"])
             cursor = nodes.get(cursor.get("parent_id"))
         reason = "orphan" if cursor is None else "cycle"
-        quarantined.append({"line": lines[mid], "reason": reason, "message_id": mid})
-    trees = [{"message_tree_id": r.get("message_tree_id", r["message_id"]), "tree_state": r.get("tree_state"),
-              "prompt": r} for r in roots]
-    return trees, quarantined
+        skip(skipped, "invalid", reason, node["_line"], message_id=mid, parent_id=node.get("parent_id"))
+    return [{"message_tree_id": r.get("message_tree_id") or r["message_id"], "tree_state": r.get("tree_state"),
+             "prompt": r, "_line": r["_line"]} for r in roots]
 
 
-def load_trees(source: str, hub_splits: Iterable[str] = ("train",)) -> tuple[list[dict], list[dict], int, str]:
-    """Read either layout into nested trees. Returns (trees, quarantined, records read, layout)."""
-    quarantined, trees, flat, layout, total = [], [], [], None, 0
+def load_trees(source: str, skipped: list, hub_splits: Iterable[str] = ("train",)) -> tuple[list[dict], int, str]:
+    """Read either layout into nested trees. Returns (trees, records read, layout); unusable records go to
+    `skipped`. Raises DataError when no record has a recognisable layout."""
+    rows, total = [], 0
     for line, record, problem, raw in read_records(source, hub_splits):
         total += 1
         if problem:
-            quarantined.append({"line": line, "reason": problem, "raw": raw[:2000]})
-            continue
-        layout = layout or detect_layout(record)
-        if layout == "trees":
-            if not isinstance(record.get("prompt"), dict):
-                quarantined.append({"line": line, "reason": "missing_or_bad_prompt", "raw": raw[:2000]})
-                continue
-            record["_line"] = line
-            trees.append(record)
+            skip(skipped, "invalid", problem, line, raw=raw[:RAW_CHARS])
         else:
-            problem = message_problem(record) if "message_id" in record else "missing_or_bad_message_id"
-            if problem and problem != "empty_text":
-                quarantined.append({"line": line, "reason": problem, "raw": raw[:2000]})
+            rows.append((line, record, raw))
+    if not rows:
+        raise DataError(f"{source}: no readable records ({total} lines; "
+                        f"{counts(skipped, 'invalid') or 'the file is empty'})")
+    layout = detect_layout((record for _, record, _ in rows), source)
+    trees, flat = [], []
+    for line, record, raw in rows:
+        kind = record_layout(record)
+        if kind != layout:
+            skip(skipped, "invalid", f"not_a_{layout}_record", line, raw=raw[:RAW_CHARS])
+        elif layout == "trees":
+            if not isinstance(record["prompt"], dict):
+                skip(skipped, "invalid", "missing_or_bad_prompt", line, raw=raw[:RAW_CHARS])
                 continue
+            trees.append(record | {"_line": line})
+        elif not isinstance(record.get("message_id"), str):
+            skip(skipped, "invalid", "missing_or_bad_message_id", line, raw=raw[:RAW_CHARS])
+        elif "parent_id" not in record or not isinstance(record["parent_id"], str | None):
+            skip(skipped, "invalid", "missing_or_bad_parent_id", line, raw=raw[:RAW_CHARS])
+        else:
             flat.append((line, record))
-    if layout is None:
-        raise DataError(f"{source}: no readable records ({total} lines)")
     if layout == "messages":
-        trees, orphans = trees_from_messages(flat)
-        quarantined += orphans
-    return trees, quarantined, total, layout
+        trees = trees_from_messages(flat, skipped)
+    return trees, total, layout
 
 
 # --------------------------------------------------------------------------- filtering and walking
@@ -203,43 +287,66 @@ def filter_reason(message: dict, cfg: DataConfig) -> str | None:
     return None
 
 
-def prune_tree(tree: dict, cfg: DataConfig, quarantined: list, filtered: Counter) -> dict | None:
-    """Copy of the tree's root with unusable messages removed together with their subtrees."""
-    if cfg.tree_states and tree.get("tree_state") not in cfg.tree_states:
-        filtered["tree_state"] += 1
-        return None
-    line, seen = tree.get("_line"), set()
+def subtree_size(message: dict) -> int:
+    size, stack = 0, [message]
+    while stack:
+        node = stack.pop()
+        size += 1
+        replies = node.get("replies") if isinstance(node, dict) else None
+        stack.extend(replies if isinstance(replies, list) else ())
+    return size
 
-    def keep(message) -> bool:
+
+def prune_tree(tree: dict, cfg: DataConfig, skipped: list, seen: set | None = None) -> dict | None:
+    """Copy of the tree's root with unusable messages removed together with their subtrees.
+
+    `seen` holds message and tree ids across trees, so an id used twice anywhere in the file is caught.
+    """
+    seen = set() if seen is None else seen
+    tree_line = tree.get("_line")
+    tree_id = tree.get("message_tree_id")
+    if not isinstance(tree_id, str | None) or not isinstance(tree.get("tree_state"), str | None):
+        skip(skipped, "invalid", "missing_or_bad_tree_fields", tree_line, message_tree_id=str(tree_id)[:100])
+        return None
+    if cfg.tree_states and tree.get("tree_state") not in cfg.tree_states:
+        skip(skipped, "filtered", "tree_state", tree_line, message_tree_id=tree_id,
+             tree_state=tree.get("tree_state"))
+        return None
+    if tree_id is not None and ("tree", tree_id) in seen:
+        # Exports do repeat whole trees (the oasst2 sample lists 31 twice); the first copy is kept.
+        skip(skipped, "invalid", "duplicate_tree", tree_line, message_tree_id=tree_id)
+        return None
+    seen.add(("tree", tree_id))
+
+    def keep(message, parent_id) -> bool:
+        # Flat messages carry their own line; nested ones share their tree's.
+        line = message.get("_line", tree_line) if isinstance(message, dict) else tree_line
         if not isinstance(message, dict):
-            quarantined.append({"line": line, "reason": "not_an_object"})
+            skip(skipped, "invalid", "not_an_object", line)
             return False
         problem = message_problem(message)
         if problem is None and message["message_id"] in seen:
             problem = "duplicate_message_id"
-        if problem:
-            quarantined.append({"line": line or message.get("_line"), "reason": problem,
-                                "message_id": message.get("message_id")})
-            return False
-        seen.add(message["message_id"])
-        reason = filter_reason(message, cfg)
-        if reason:
-            filtered[reason] += 1
-        return reason is None
+        if problem is None and parent_id is not None and message.get("parent_id") not in (None, parent_id):
+            problem = "parent_mismatch"  # a nested reply that names another parent: the tree is inconsistent
+        kind, reason = ("invalid", problem) if problem else ("filtered", filter_reason(message, cfg))
+        if reason is None:
+            seen.add(message["message_id"])
+            return True
+        message_id = message.get("message_id")
+        skip(skipped, kind, reason, line, message_id=message_id if isinstance(message_id, str) else None,
+             dropped_messages=subtree_size(message))
+        return False
 
     root = tree["prompt"]
-    if not keep(root):
+    if not keep(root, None):
         return None
     copy = {k: v for k, v in root.items() if k != "replies"} | {"replies": []}
     stack = [(root, copy)]
     while stack:
         original, pruned = stack.pop()
-        replies = original.get("replies") or []
-        if not isinstance(replies, list):
-            quarantined.append({"line": line, "reason": "missing_or_bad_replies"})
-            continue
-        for reply in replies:
-            if keep(reply):
+        for reply in original.get("replies") or []:
+            if keep(reply, original["message_id"]):
                 child = {k: v for k, v in reply.items() if k != "replies"} | {"replies": []}
                 pruned["replies"].append(child)
                 stack.append((reply, child))
@@ -262,14 +369,19 @@ def best_thread(root: dict) -> list[dict]:
 
 
 def all_threads(root: dict) -> list[list[dict]]:
-    """Every root-to-leaf path, depth-first, without recursion."""
-    threads, stack = [], [[root]]
+    """Every root-to-leaf path, depth-first, without recursion. Paths are rebuilt from parent links at
+    the leaves, so a deep chain costs its length, not its length squared."""
+    threads, stack, parents = [], [(root, None)], {}
     while stack:
-        path = stack.pop()
-        replies = path[-1]["replies"]
-        if not replies:
-            threads.append(path)
-        stack.extend(path + [reply] for reply in reversed(replies))
+        node, parent = stack.pop()
+        parents[id(node)] = (node, parent)
+        if not node["replies"]:
+            path, cursor = [], (node, parent)
+            while cursor is not None:
+                path.append(cursor[0])
+                cursor = parents[id(cursor[1])] if cursor[1] is not None else None
+            threads.append(path[::-1])
+        stack.extend((reply, node) for reply in reversed(node["replies"]))
     return threads
 
 
@@ -289,33 +401,56 @@ def conversation_key(thread: list[dict]) -> tuple:
     return tuple((m["role"], " ".join(m["text"].lower().split())) for m in thread)
 
 
-def extract_threads(trees: list[dict], cfg: DataConfig, quarantined: list, filtered: Counter) -> list[dict]:
-    """Pruned trees -> unique, alternating threads as {tree_id, lang, messages}."""
-    threads, seen = [], set()
+def extract_threads(trees: list[dict], cfg: DataConfig, skipped: list) -> list[dict]:
+    """Pruned trees -> unique, alternating threads that end on an assistant reply, as
+    {tree_id, lang, source_line, messages}."""
+    threads, seen_conversations, seen_ids = [], set(), set()
     for tree in trees:
-        root = prune_tree(tree, cfg, quarantined, filtered)
+        root = prune_tree(tree, cfg, skipped, seen_ids)
         if root is None:
             continue
+        line, tree_id = tree.get("_line"), str(tree.get("message_tree_id") or root["message_id"])
         paths = [best_thread(root)] if cfg.threads == "best" else all_threads(root)
         for path in paths:
             thread = trim_to_assistant(path)
             if len(thread) < 2:
-                filtered["no_assistant_reply"] += 1
+                skip(skipped, "filtered", "no_assistant_reply", line, tree_id=tree_id)
                 continue
             if not alternates(thread):
-                filtered["roles_not_alternating"] += 1
+                skip(skipped, "filtered", "roles_not_alternating", line, tree_id=tree_id,
+                     roles=[m["role"] for m in thread][:20])
                 continue
+            if len(thread) < len(path):
+                # Counted, not dropped: the turns before a trailing prompter message are a complete example.
+                skip(skipped, "trimmed", "ends_on_prompter", line, tree_id=tree_id,
+                     dropped_messages=len(path) - len(thread))
             key = conversation_key(thread)
-            if key in seen:
-                filtered["duplicate_conversation"] += 1
+            if key in seen_conversations:
+                skip(skipped, "filtered", "duplicate_conversation", line, tree_id=tree_id)
                 continue
-            seen.add(key)
+            seen_conversations.add(key)
             threads.append({
-                "tree_id": str(tree.get("message_tree_id") or root["message_id"]),
+                "tree_id": tree_id,
                 "lang": root.get("lang") or "unknown",
+                "source_line": line,
                 "messages": [{"role": ROLES[m["role"]], "content": m["text"].strip()} for m in thread],
             })
     return threads
+
+
+def skip_rate(skipped: list, records: int) -> float:
+    """Fraction of input records (lines) with at least one invalid part."""
+    bad_lines = {s["line"] for s in skipped if s["kind"] == "invalid"}
+    return len(bad_lines) / max(records, 1)
+
+
+def check_skip_rate(skipped: list, records: int, cfg: DataConfig) -> float:
+    rate = skip_rate(skipped, records)
+    if rate > cfg.max_skip_rate:
+        first = [f"{s['reason']} at line {s['line']}" for s in skipped if s["kind"] == "invalid"][:3]
+        raise DataError(f"{cfg.source}: {rate:.0%} of {records} records are invalid (over data.max_skip_rate="
+                        f"{cfg.max_skip_rate}): {counts(skipped, 'invalid')}; first: {'; '.join(first)}")
+    return rate
 
 
 def split_by_tree(threads: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -346,12 +481,19 @@ def end_of_turn_id(tokenizer, template: str) -> int:
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
         chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    if not any(mask):
+        raise DataError("the chat template marks no assistant tokens: wrap replies in {% generation %}")
     return ids[max(i for i, bit in enumerate(mask) if bit)]
 
 
 def tokenize_threads(threads: list[dict], tokenizer, template: str, max_length: int,
-                     filtered: Counter, batch: int = 512) -> list[dict]:
-    """Render and tokenize with assistant masks; cut over-long threads at a turn boundary."""
+                     skipped: list, batch: int = 512) -> list[dict]:
+    """Render and tokenize with assistant masks; cut over-long threads at a turn boundary.
+
+    Each assistant span must end on the end-of-turn token, and a cut only ever falls right after
+    one, so no example ends mid-reply with its end-of-turn token untrained. A thread whose first
+    reply does not fit is dropped, counted.
+    """
     eot = end_of_turn_id(tokenizer, template)
     rows = []
     for start in range(0, len(threads), batch):
@@ -361,15 +503,22 @@ def tokenize_threads(threads: list[dict], tokenizer, template: str, max_length: 
             return_assistant_tokens_mask=True)
         for thread, ids, mask in zip(chunk, encoded["input_ids"], encoded["assistant_masks"]):
             span_ends = [i + 1 for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+            if not span_ends:
+                raise DataError(f"thread from line {thread.get('source_line')} (tree {thread['tree_id']}) has no "
+                                "trainable token: the chat template dropped its assistant turns")
             if any(ids[end - 1] != eot for end in span_ends):
                 raise DataError("the chat template leaves an assistant turn without its end-of-turn token trained")
             fitting = [end for end in span_ends if end <= max_length]
+            line, tree_id = thread.get("source_line"), thread["tree_id"]
             if not fitting:
-                filtered["first_reply_over_max_length"] += 1
+                skip(skipped, "filtered", "first_reply_over_max_length", line, tree_id=tree_id, tokens=len(ids))
                 continue
-            cut, kept_turns = fitting[-1], len(fitting)
+            # Rows end on the last kept end-of-turn token; the template's untrained newline after it goes too.
+            cut = fitting[-1]
+            kept_turns = len(fitting)
             if kept_turns < len(span_ends):
-                filtered["truncated_at_turn_boundary"] += 1
+                skip(skipped, "trimmed", "truncated_at_turn_boundary", line, tree_id=tree_id, tokens=len(ids),
+                     kept_turns=kept_turns, dropped_turns=len(span_ends) - kept_turns)
             rows.append(thread | {
                 "messages": thread["messages"][: 2 * kept_turns],
                 "input_ids": ids[:cut],
@@ -386,30 +535,30 @@ def _keep_for_workers(tokenizer, template: str, max_length: int) -> None:
     _WORKER.update(tokenizer=tokenizer, template=template, max_length=max_length)
 
 
-def _tokenize_chunk(threads: list[dict]) -> tuple[list[dict], Counter]:
-    filtered = Counter()
-    rows = tokenize_threads(threads, _WORKER["tokenizer"], _WORKER["template"], _WORKER["max_length"], filtered)
-    return rows, filtered
+def _tokenize_chunk(threads: list[dict]) -> tuple[list[dict], list[dict]]:
+    skipped = []
+    rows = tokenize_threads(threads, _WORKER["tokenizer"], _WORKER["template"], _WORKER["max_length"], skipped)
+    return rows, skipped
 
 
-def tokenize_parallel(threads: list[dict], tokenizer, template: str, max_length: int, filtered: Counter,
+def tokenize_parallel(threads: list[dict], tokenizer, template: str, max_length: int, skipped: list,
                       num_proc: int = 1) -> list[dict]:
-    """`tokenize_threads` over `num_proc` forked processes; rows and counts as from one process.
+    """`tokenize_threads` over `num_proc` forked processes; rows and skips as from one process.
 
     Rendering the template and cutting at turn boundaries is Python, so one process keeps one core
     busy. Contiguous chunks come back in order, so the output does not depend on `num_proc`.
     """
     if num_proc <= 1 or len(threads) < 2 * num_proc:
-        return tokenize_threads(threads, tokenizer, template, max_length, filtered)
+        return tokenize_threads(threads, tokenizer, template, max_length, skipped)
     size = -(-len(threads) // (4 * num_proc))  # a few chunks per process even out their lengths
     chunks = [threads[i:i + size] for i in range(0, len(threads), size)]
     shared = (tokenizer, template, max_length)
     with multiprocessing.get_context("fork").Pool(num_proc, _keep_for_workers, shared) as pool:
         parts = pool.map(_tokenize_chunk, chunks, chunksize=1)
     rows = []
-    for part, counts in parts:
+    for part, part_skipped in parts:
         rows += part
-        filtered.update(counts)
+        skipped += part_skipped
     return rows
 
 
@@ -445,29 +594,29 @@ def build_data(recipe: Recipe, overwrite: bool = False) -> Path:
         log.info("data: reusing %s", out)
         return out
     start = time.perf_counter()
-    trees, quarantined, n_records, layout = load_trees(cfg.source, cfg.hub_splits)
-    if n_records and len([q for q in quarantined if "raw" in q]) / n_records > cfg.max_skip_rate:
-        raise DataError(f"{cfg.source}: {len(quarantined)} of {n_records} records are unreadable "
-                        f"(over data.max_skip_rate={cfg.max_skip_rate}); first: {quarantined[0]['reason']} "
-                        f"at line {quarantined[0]['line']}")
-    filtered = Counter()
-    threads = extract_threads(trees, cfg, quarantined, filtered)
+    skipped = []
+    trees, n_records, layout = load_trees(cfg.source, skipped, cfg.hub_splits)
+    threads = extract_threads(trees, cfg, skipped)
+    rate = check_skip_rate(skipped, n_records, cfg)
     if not threads:
-        raise DataError(f"{cfg.source}: no conversation survived filtering ({dict(filtered)})")
+        raise DataError(f"{cfg.source}: no conversation survived filtering (invalid: {counts(skipped, 'invalid')}; "
+                        f"filtered: {counts(skipped, 'filtered')})")
     train, validation = split_by_tree(threads, cfg.validation_fraction, cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     template = chat_template_for(tokenizer, cfg.chat_template)
-    splits = {name: tokenize_parallel(rows, tokenizer, template, cfg.max_length, filtered, cfg.num_proc)
+    splits = {name: tokenize_parallel(rows, tokenizer, template, cfg.max_length, skipped, cfg.num_proc)
               for name, rows in (("train", train), ("validation", validation))}
-    if not splits["train"]:
-        raise DataError(f"{cfg.source}: no training example fits data.max_length={cfg.max_length}")
+    for name, rows in splits.items():
+        if not rows and (name == "train" or validation):
+            raise DataError(f"{cfg.source}: no {name} example fits data.max_length={cfg.max_length} "
+                            f"({counts(skipped, 'filtered').get('first_reply_over_max_length', 0)} threads dropped)")
     for name, rows in splits.items():
         Dataset.from_list(rows).to_parquet(str(out / f"{name}.parquet"))
     (out / "chat_template.jinja").write_text(template)
     with open(out / "quarantine.jsonl", "w") as handle:
-        for item in quarantined:
-            handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+        for item in skipped:
+            handle.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
 
     report = {
         "source": cfg.source,
@@ -475,8 +624,10 @@ def build_data(recipe: Recipe, overwrite: bool = False) -> Path:
         "records_read": n_records,
         "trees": len(trees),
         "threads": len(threads),
-        "quarantined": dict(Counter(q["reason"] for q in quarantined)),
-        "filtered": dict(filtered),
+        "invalid_record_rate": round(rate, 4),
+        "quarantined": counts(skipped, "invalid"),
+        "filtered": counts(skipped, "filtered"),
+        "trimmed": counts(skipped, "trimmed"),
         "splits": {name: length_stats(rows) for name, rows in splits.items()},
         "split_trees": {name: len({r["tree_id"] for r in rows}) for name, rows in splits.items()},
         "languages": dict(Counter(r["lang"] for rows in splits.values() for r in rows).most_common()),
@@ -506,7 +657,8 @@ def data_card(recipe: Recipe, report: dict) -> str:
         "## Source",
         f"`{report['source']}` ({report['layout']} layout): {report['records_read']} records, "
         f"{report['trees']} trees, {report['threads']} threads after filtering "
-        f"(`{recipe.data.threads}` thread extraction).",
+        f"(`{recipe.data.threads}` thread extraction). {report['invalid_record_rate']:.1%} of records were "
+        f"invalid (the build fails above data.max_skip_rate={recipe.data.max_skip_rate}).",
         "",
         "## Splits (by tree; no tree is in both)",
         "| split | trees | examples | tokens | assistant tokens | mean | p50 | p95 | max |",
@@ -519,9 +671,12 @@ def data_card(recipe: Recipe, report: dict) -> str:
                          f"{stats['max']} |")
     lines += ["", "## Languages", ", ".join(f"{k}: {v}" for k, v in report["languages"].items()), "",
               "## Turns per training example", ", ".join(f"{k}: {v}" for k, v in report["turns"].items()), "",
-              "## Dropped", "| reason | count | kind |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v} | quarantined (see quarantine.jsonl) |" for k, v in report["quarantined"].items()]
-    lines += [f"| {k} | {v} | filtered |" for k, v in report["filtered"].items()]
+              "## Skipped and trimmed",
+              "Every entry is in `quarantine.jsonl` with its source line number. `invalid`: unusable records; "
+              "`filtered`: excluded by the recipe; `trimmed`: kept, shortened at a turn boundary.", "",
+              "| reason | count | kind |", "| --- | --- | --- |"]
+    for kind, key in (("invalid", "quarantined"), ("filtered", "filtered"), ("trimmed", "trimmed")):
+        lines += [f"| {k} | {v} | {kind} |" for k, v in report[key].items()]
     lines += ["", "## Format",
               f"Rendered with the chat template in `chat_template.jinja`; only assistant tokens and the "
               f"end-of-turn token `{report['end_of_turn_token']}` are trained (`assistant_masks`).", ""]

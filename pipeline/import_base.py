@@ -26,10 +26,20 @@ PACKAGED_GGUF = {
 TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 
 
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte, in byte order. `ByteLevel.alphabet()` has the same
+    characters in an order that changes from call to call, which gave every import a different vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 262-token byte-level tokenizer with Gemma's special tokens: no training, no download."""
+    """A 262-token byte-level tokenizer with Gemma's special tokens: no training, no download.
+    Byte b has id 6 + b, the same in every process."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", *TURN_TOKENS]
-    vocab = {tok: i for i, tok in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {tok: i for i, tok in enumerate(specials + byte_alphabet())}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -109,10 +119,16 @@ def load_source(cfg: BaseConfig, cache: Path):
     return model, tokenizer, kind
 
 
+def cache_key(cfg: BaseConfig) -> str:
+    key = dataclasses.asdict(cfg) | {"cache_dir": None}
+    if cfg.source == "random":
+        key["tokenizer"] = "bytes-in-order"  # cached random imports before byte_alphabet() had shuffled vocabularies
+    return artifacts.fingerprint(key)
+
+
 def cached_import(cfg: BaseConfig) -> Path:
     """Import `cfg.source` once into the cache and return that safetensors directory."""
-    key = artifacts.fingerprint(dataclasses.asdict(cfg) | {"cache_dir": None})
-    cache = Path(cfg.cache_dir).expanduser() / key
+    cache = Path(cfg.cache_dir).expanduser() / cache_key(cfg)
     if not (cache / "model" / artifacts.COMPLETE).exists():
         model, tokenizer, kind = load_source(cfg, cache)
         staging = cache / "model.partial"
@@ -132,7 +148,7 @@ def import_base(recipe: Recipe, overwrite: bool = False) -> Path:
         log.info("base: reusing %s", out)
         return out
     start = time.perf_counter()
-    cache_hit = (Path(cfg.cache_dir).expanduser() / artifacts.fingerprint(inputs["base"]) / "model").exists()
+    cache_hit = (Path(cfg.cache_dir).expanduser() / cache_key(cfg) / "model").exists()
     cached = cached_import(cfg)
     artifacts.link_tree(cached, out)
     (out / artifacts.COMPLETE).unlink()

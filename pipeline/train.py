@@ -6,16 +6,17 @@ import dataclasses
 import logging
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, checkpoints, distributed
 from pipeline.config import Recipe, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,15 @@ def compute_dtype(name: str) -> torch.dtype:
 def attention_implementation(choice: str, model_type: str) -> str:
     if choice != "auto":
         return choice
-    # Gemma 2/3 were trained with soft-capping/sliding windows that eager reproduces exactly;
-    # sdpa supports both in transformers 5 and is faster, so it is the default everywhere.
-    return "sdpa"
+    # sdpa is faster and handles sliding windows and padding-free packing (a block-diagonal mask from
+    # restarted position_ids); architectures whose attention it cannot express (Gemma 2's logit
+    # soft-capping, attention sinks) declare `_supports_sdpa = False` and get eager.
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -82,6 +89,10 @@ def sft_config(cfg: TrainConfig, recipe: Recipe, output_dir: Path, world_size: i
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,
+        # Exact resume: skip the batches already trained and restore the RNG states (the default, pinned here).
+        ignore_data_skip=False,
+        # Log a NaN/inf loss as it is (the default replaces it with an average), so StopOnNonFinite sees it.
+        logging_nan_inf_filter=False,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
@@ -96,13 +107,16 @@ def sft_config(cfg: TrainConfig, recipe: Recipe, output_dir: Path, world_size: i
 def train(recipe: Recipe, overwrite: bool = False) -> Path:
     cfg = recipe.train
     base_dir, data_dir, out = recipe.out / "base", recipe.out / "data", recipe.out / "adapter"
-    inputs = {"train": dataclasses.asdict(cfg), "max_length": recipe.data.max_length,
+    # `resume` says how to get there, not what is trained, so it is not part of the fingerprint.
+    inputs = {"train": dataclasses.asdict(cfg) | {"resume": None}, "max_length": recipe.data.max_length,
               "base": artifacts.upstream(base_dir), "data": artifacts.upstream(data_dir)}
     if distributed.begin(out, inputs, overwrite, keep_partial=cfg.resume):
         log.info("train: reusing %s", out)
         return out
     dtype = compute_dtype(cfg.dtype)
     group = distributed.state()
+    if group.is_main_process:
+        checkpoints.check_same_run(out / "checkpoints", inputs, cfg.resume)
     # Before the model is loaded: under ZeRO-3 from_pretrained partitions the weights only once
     # SFTConfig has registered the DeepSpeed config.
     args = sft_config(cfg, recipe, out / "checkpoints", world_size=group.num_processes, dtype=dtype)
@@ -110,7 +124,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     tokenizer.chat_template = (data_dir / "chat_template.jinja").read_text()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, "")) 
+    model_type = AutoConfig.from_pretrained(base_dir).model_type
+    model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, model_type))
     train_set = load_split(data_dir, "train")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
@@ -118,13 +133,15 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         log.info("train: %d process(es) x %d sequences x %d accumulation steps = global batch %d",
                  group.num_processes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                  cfg.batch_size)
+    interrupt = checkpoints.Interrupt()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                         peft_config=lora)
+                         peft_config=lora, callbacks=reliability_callbacks(interrupt))
     # Counted before training wraps (FSDP) or partitions (ZeRO-3) the parameters.
     trainable = trainer.model.get_nb_trainable_parameters()[0]
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_resume_point(out) if cfg.resume else None)
+    result = trainer.train(resume_from_checkpoint=resume_point(out, group) if cfg.resume else None)
     seconds = time.perf_counter() - start
+    stop_if_interrupted(trainer, interrupt, out)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"training loss is not finite: {losses[-5:]}")
@@ -157,6 +174,23 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     return artifacts.finish(out, "train", inputs, recipe, metrics)
 
 
-def _resume_point(out: Path) -> str | None:
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(checkpoints[-1]) if checkpoints else None
+def resume_point(out: Path, group) -> str | None:
+    """The newest complete checkpoint; the main process cleans partial ones up while the others wait."""
+    with group.main_process_first():
+        if group.is_main_process:
+            return checkpoints.resume_point(out / "checkpoints")
+    return checkpoints.resume_point(out / "checkpoints")
+
+
+def reliability_callbacks(interrupt: checkpoints.Interrupt) -> list:
+    """Checkpoint-and-stop on SIGTERM/SIGINT, completeness markers, and a stop on non-finite loss."""
+    return [interrupt, checkpoints.MarkComplete(), checkpoints.StopOnNonFinite()]
+
+
+def stop_if_interrupted(trainer, interrupt: checkpoints.Interrupt, out: Path) -> None:
+    """A run stopped by a signal leaves its checkpoint and no COMPLETE marker on the stage."""
+    if interrupt.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise checkpoints.TrainingInterrupted(
+            f"training interrupted by {signal.Signals(interrupt.received).name} at step "
+            f"{trainer.state.global_step} of {trainer.state.max_steps}; checkpoint saved under "
+            f"{out / 'checkpoints'}; rerun with --train.resume=true to continue", interrupt.received)

@@ -53,9 +53,26 @@ def test_all_threads_returns_every_root_to_leaf_path():
 
 
 def run_extract(trees, **cfg):
-    quarantined, filtered = [], Counter()
-    threads = extract_threads(trees, DataConfig(**cfg), quarantined, filtered)
-    return threads, quarantined, filtered
+    skipped = []
+    threads = extract_threads(trees, DataConfig(**cfg), skipped)
+    quarantined = [s for s in skipped if s["kind"] == "invalid"]
+    return threads, quarantined, Counter(s["reason"] for s in skipped if s["kind"] == "filtered")
+
+
+def load(source):
+    """(trees, invalid records, records read, layout)."""
+    skipped = []
+    trees, total, layout = load_trees(source, skipped)
+    return trees, skipped, total, layout
+
+
+def assemble(rows):
+    skipped = []
+    return trees_from_messages(rows, skipped), skipped
+
+
+def conversations(threads):
+    return [(t["tree_id"], t["messages"]) for t in threads]
 
 
 def contents(thread):
@@ -125,9 +142,9 @@ def flatten(trees):
 
 def test_flat_messages_reassemble_into_the_same_threads():
     trees = [tree(sample_tree()), tree(msg("prompter", "Other", replies=[msg("assistant", "B", rank=0)]))]
-    rebuilt, quarantined = trees_from_messages(list(enumerate(flatten(trees), start=1)))
+    rebuilt, quarantined = assemble(list(enumerate(flatten(trees), start=1)))
     assert quarantined == []
-    assert run_extract(rebuilt, threads="all")[0] == run_extract(trees, threads="all")[0]
+    assert conversations(run_extract(rebuilt, threads="all")[0]) == conversations(run_extract(trees, threads="all")[0])
 
 
 def test_orphans_and_cycles_are_quarantined():
@@ -140,7 +157,7 @@ def test_orphans_and_cycles_are_quarantined():
         {"message_id": "c2", "parent_id": "c1", "role": "assistant", "text": "cycle"},
         {"message_id": "a", "parent_id": "r", "role": "assistant", "text": "duplicate id"},
     ]
-    trees, quarantined = trees_from_messages(list(enumerate(rows, start=1)))
+    trees, quarantined = assemble(list(enumerate(rows, start=1)))
     assert len(trees) == 1
     assert sorted((q["line"], q["reason"]) for q in quarantined) == [
         (3, "orphan"), (4, "orphan"), (5, "cycle"), (6, "cycle"), (7, "duplicate_message_id")]
@@ -150,7 +167,7 @@ def test_malformed_lines_are_quarantined_with_line_numbers(tmp_path):
     good = json.dumps(tree(msg("prompter", "Q", replies=[msg("assistant", "A", rank=0)])))
     path = tmp_path / "t.trees.jsonl"
     path.write_bytes(b"\n".join([good.encode(), b"{not json", b"\xff\xfe bad utf8", good.encode()]) + b"\n")
-    trees, quarantined, total, layout = load_trees(str(path))
+    trees, quarantined, total, layout = load(str(path))
     assert (len(trees), total, layout) == (2, 4, "trees")
     assert [(q["line"], q["reason"]) for q in quarantined] == [(2, "malformed_json"), (3, "invalid_utf8")]
 
@@ -161,8 +178,9 @@ def test_malformed_lines_are_quarantined_with_line_numbers(tmp_path):
 def render(tokenizer, conversations, max_length=10_000):
     template = chat_template_for(tokenizer, "gemma")
     threads = [{"tree_id": str(i), "lang": "en", "messages": m} for i, m in enumerate(conversations)]
-    filtered = Counter()
-    return tokenize_threads(threads, tokenizer, template, max_length, filtered), filtered
+    skipped = []
+    rows = tokenize_threads(threads, tokenizer, template, max_length, skipped)
+    return rows, Counter(s["reason"] for s in skipped)
 
 
 def masked_spans(tokenizer, row):
@@ -220,7 +238,7 @@ def test_auto_template_prefers_chatml_for_chatml_vocabularies():
 def test_both_layouts_of_the_shared_sample_give_the_same_threads(shared_data, byte_tokenizer):
     by_layout = {}
     for name in ("oasst_en100.trees.jsonl", "oasst_en100.messages.jsonl"):
-        trees, quarantined, total, layout = load_trees(str(shared_data / name))
+        trees, quarantined, total, layout = load(str(shared_data / name))
         threads, _, filtered = run_extract(trees, keep_synthetic=True, threads="all")
         by_layout[layout] = (len(trees), sorted(json.dumps(t["messages"]) for t in threads))
         assert quarantined == []
@@ -231,7 +249,7 @@ def test_both_layouts_of_the_shared_sample_give_the_same_threads(shared_data, by
 
 
 def test_oasst2_sample_filters_states_and_languages(shared_data):
-    trees, quarantined, total, layout = load_trees(str(shared_data / "oasst2_sample551.trees.jsonl"))
+    trees, quarantined, total, layout = load(str(shared_data / "oasst2_sample551.trees.jsonl"))
     assert (len(trees), layout) == (551, "trees")
     threads, _, filtered = run_extract(trees, languages=["en"])
     assert filtered["tree_state"] == 551 - 96  # only ready_for_export trees survive
@@ -251,7 +269,8 @@ def test_gzipped_trees_export_and_flat_parquet_load(tmp_path):
         handle.writelines(json.dumps(t) + "\n" for t in trees)
     parquet = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist([{**m, "rank": m["rank"]} for m in flatten(trees)]), parquet)
-    from_gz, _, _, layout_gz = load_trees(str(gz))
-    from_parquet, _, _, layout_pq = load_trees(str(parquet))
+    from_gz, _, _, layout_gz = load(str(gz))
+    from_parquet, _, _, layout_pq = load(str(parquet))
     assert (layout_gz, layout_pq) == ("trees", "messages")
-    assert run_extract(from_gz)[0] == run_extract(from_parquet)[0] and len(run_extract(from_gz)[0]) == 3
+    assert conversations(run_extract(from_gz)[0]) == conversations(run_extract(from_parquet)[0])
+    assert len(run_extract(from_gz)[0]) == 3
