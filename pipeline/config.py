@@ -159,8 +159,9 @@ class EvalConfig:
     """Generation budget per prompt."""
     batch_size: int = 16
     """Prompts per generation batch (prompts are sorted by length first, so batches pad little)."""
-    score_batch_tokens: int = 4096
-    """Token budget (rows x padded length) of one teacher-forced forward pass; bounds the logits memory."""
+    score_batch_tokens: int = 1024
+    """Token budget (rows x padded length) of one teacher-forced forward pass: bounds the logits memory,
+    which for a 262k vocabulary is 1 MiB per token in fp32."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
     temperature: float = 0.7
