@@ -234,6 +234,46 @@ def teacher_forced(rows: list[dict], turns: list[list[tuple]], cfg: EvalConfig) 
 # --------------------------------------------------------------------------- generation
 
 
+def next_tokens(logits: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    # Plain temperature sampling: no top-k/top-p, so the temperature is the only knob.
+    probabilities = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    return torch.multinomial(probabilities, 1).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode_batch(model, ids: torch.Tensor, attention: torch.Tensor, stop_ids: list[int], cfg: EvalConfig) -> list[list[int]]:
+    """New tokens for each left-padded row, stop token included, decoded with the KV cache.
+
+    Unlike `generate`, which keeps computing finished rows until the whole batch is done, a row
+    leaves the batch (and the cache) as soon as it emits a stop token, so one long reply does not
+    make every short one pay for its length.
+    """
+    # Left padding: positions count real tokens only, as `generate` computes them.
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, live = out.past_key_values, torch.arange(len(ids))
+    stops = torch.tensor(stop_ids)
+    replies: list[list[int]] = [[] for _ in range(len(ids))]
+    for step in range(cfg.max_new_tokens):
+        tokens = next_tokens(out.logits[:, -1], cfg)
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            replies[row].append(token)
+        running = ~torch.isin(tokens, stops)
+        if step == cfg.max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():
+            keep = running.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            live, tokens, attention, positions = live[keep], tokens[keep], attention[keep], positions[keep]
+        attention = torch.cat([attention, attention.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, past_key_values=cache,
+                    use_cache=True)
+    return replies
+
+
 @torch.inference_mode()
 def generate_replies(model, tokenizer, conversations: list[list[dict]], stop_ids: list[int], cfg: EvalConfig,
                      desc: str = "generate") -> list[dict]:
@@ -246,8 +286,6 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], stop_ids
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0} if cfg.do_sample \
-        else {"do_sample": False}
     if cfg.do_sample:
         torch.manual_seed(cfg.seed)
     results: list = [None] * len(prompts)
@@ -260,13 +298,11 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], stop_ids
             for b, i in enumerate(batch):
                 ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 attention[b, width - len(prompts[i]):] = 1
-            output = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
-                                    eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling)
-            for i, row in zip(batch, output[:, width:].tolist()):
-                stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
-                kept = row if stop is None else row[:stop]
+            for i, row in zip(batch, decode_batch(model, ids, attention, stop_ids, cfg)):
+                stopped = bool(row) and row[-1] in stop_ids
+                kept = row[:-1] if stopped else row
                 results[i] = {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                              "stopped": stop is not None, "new_tokens": len(kept)}
+                              "stopped": stopped, "new_tokens": len(kept)}
             bar.update(len(batch))
     return results
 
