@@ -158,7 +158,8 @@ class EvalConfig:
     max_new_tokens: int = 128
     """Generation budget per prompt."""
     batch_size: int = 16
-    """Prompts per generation batch (prompts are sorted by length first, so batches pad little)."""
+    """Rows per batch: prompts per generation batch (sorted by length, so batches pad little), and the most
+    conversations per teacher-forced pass."""
     score_batch_tokens: int = 1024
     """Token budget (rows x padded length) of one teacher-forced forward pass: bounds the logits memory,
     which for a 262k vocabulary is 1 MiB per token in fp32."""

@@ -76,11 +76,13 @@ def stop_ids_for(name: str, tokenizer, model, template: str, data_dir: Path) -> 
         ids = [tokenizer.convert_tokens_to_ids(end_of_turn)]
     else:
         # The reference's own template may not mark generations; the marker template for its special
-        # tokens names the end-of-turn token, which counts only if the serving template uses it.
+        # tokens names the end-of-turn token. It counts only if it is one added token (not a plain-text
+        # piece of a template that does not fit this vocabulary) and the serving template uses it.
         candidate = end_of_turn_id(tokenizer, chat_template_for(tokenizer, "auto"))
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], chat_template=template,
                                                  tokenize=False)
-        ids = [candidate] if tokenizer.convert_ids_to_tokens(candidate) in rendered else []
+        added = tokenizer.added_tokens_decoder
+        ids = [candidate] if candidate in added and added[candidate].content in rendered else []
     eos = model.generation_config.eos_token_id
     for token in [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]:
         if token is not None and token not in ids:
