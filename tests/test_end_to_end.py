@@ -20,7 +20,8 @@ EXPECTED = {
                                      "chat_template.jinja", "trainer_state.json"},
     "merged": COMMON | TOKENIZER | {"chat_template.jinja", "config.json", "generation_config.json",
                                     "model.safetensors"},
-    "eval": COMMON | {"generations.jsonl", "report.md"},
+    "eval": COMMON | {"generations.jsonl", "report.md", "report.html", "loss_curve.png", "metric_bars.png",
+                      "reply_lengths.png"},
 }
 
 pytestmark = pytest.mark.slow
