@@ -96,7 +96,8 @@ def main() -> None:
         timed += len(picks)
         print(f"batch {number}: batched {batched_s:.1f} s, unbatched {unbatched_s:.1f} s so far; "
               f"load avg {load_avg()}", flush=True)
-    scaled = f" (timed on {timed} of {len(conversations)} prompts, scaled per batch)" if timed < len(conversations) else ""
+    scaled = f" (timed on {timed} of {len(conversations)} prompts, scaled per batch)" \
+        if timed < len(conversations) else ""
     print(f"batched (sorted by length, left padding, KV cache): {batched_s:.1f} s, {batched_tokens} tokens, "
           f"{batched_tokens / batched_s:.1f} tok/s")
     print(f"unbatched (one prompt per generate call): {unbatched_s:.1f} s{scaled}, "

@@ -245,7 +245,8 @@ def next_tokens(logits: torch.Tensor, cfg: EvalConfig) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_batch(model, ids: torch.Tensor, attention: torch.Tensor, stop_ids: list[int], cfg: EvalConfig) -> list[list[int]]:
+def decode_batch(model, ids: torch.Tensor, attention: torch.Tensor, stop_ids: list[int],
+                 cfg: EvalConfig) -> list[list[int]]:
     """New tokens for each left-padded row, stop token included, decoded with the KV cache.
 
     Unlike `generate`, which keeps computing finished rows until the whole batch is done, a row
@@ -285,8 +286,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], stop_ids
     progress bar's estimate errs long and memory peaks at once rather than at the end.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for c in conversations]
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if cfg.do_sample:
         torch.manual_seed(cfg.seed)
@@ -407,7 +408,8 @@ def preference(cfg: EvalConfig, items: list[dict], replies: dict[str, list[dict]
         result = judge.compare(cfg.judge, conversations, [r["text"] for r in replies[anchor]],
                                [r["text"] for r in replies[other]], cfg.bootstrap_resamples, cfg.seed,
                                desc=f"judge {anchor} vs {other}")
-        records += [{"anchor": anchor, "other": other, "prompt": i, **j} for i, j in enumerate(result.pop("judgements"))]
+        records += [{"anchor": anchor, "other": other, "prompt": i, **j}
+                    for i, j in enumerate(result.pop("judgements"))]
         summary["vs"][other] = result
     return summary, records
 
@@ -428,8 +430,8 @@ def evaluate(recipe: Recipe, overwrite: bool = False) -> Path:
     results, replies = {}, {}
     for name, path in paths.items():
         results[name], replies[name] = evaluate_model(name, path, recipe, rows, items)
-        log.info("eval %s: nll %.4f, stop rate %.2f, %d prompts", name, results[name].get("assistant_nll", float("nan")),
-                 results[name]["stop_rate"], len(items))
+        log.info("eval %s: nll %.4f, stop rate %.2f, %d prompts", name,
+                 results[name].get("assistant_nll", float("nan")), results[name]["stop_rate"], len(items))
     judged, judgements = preference(cfg, items, replies)
     results[judged["anchor"]]["judge"] = judged
     with open(out / "generations.jsonl", "w") as handle:

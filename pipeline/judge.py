@@ -75,7 +75,7 @@ def chat_completion(cfg: JudgeConfig, messages: list[dict]) -> str:
 
 
 def ask(cfg: JudgeConfig, conversation: list[dict], reply_a: str, reply_b: str) -> dict:
-    """One judgement: {"verdict": A|B|C|invalid|error, "answer" or "error": text}. Never raises for the judge's faults."""
+    """{"verdict": A|B|C|invalid|error, "answer" or "error": text}; never raises for the judge's faults."""
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": judge_prompt(conversation, reply_a, reply_b)}]
     try:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # no display on training machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.config import Recipe  # noqa: E402
-from pipeline.metrics import SUPPORTED_LANGUAGES  # noqa: E402
+from pipeline.metrics import SUPPORTED_LANGUAGES, words  # noqa: E402
 
 # (key in metrics.json, label, the better direction) in table and plot order.
 HEADLINE = [
@@ -99,8 +99,6 @@ def plot_bars(results: dict, path: Path) -> Path:
 
 
 def plot_lengths(replies: dict[str, list[dict]], path: Path) -> Path:
-    from pipeline.metrics import words
-
     fig, ax = plt.subplots(figsize=(7, 3.5))
     lengths = {name: [len(words(r["text"])) for r in rs] for name, rs in replies.items()}
     top = max((max(v, default=0) for v in lengths.values()), default=0)
@@ -151,8 +149,8 @@ def split_table(results: dict, split: str) -> tuple[list[str], list[list[str]]]:
     """Bits per byte by turn or language; the token-level NLL is in metrics.json."""
     names = list(results)
     keys = sorted({k for n in names for k in results[n].get(split, {})}, key=lambda k: (len(k), k))
-    rows = [[key, *(with_interval(results[n][split].get(key, {}), "bits_per_byte") + f" (n={results[n][split].get(key, {}).get('examples', 0)})"
-                    for n in names)] for key in keys]
+    cell = lambda m: with_interval(m, "bits_per_byte") + f" (n={m.get('examples', 0)})"  # noqa: E731
+    rows = [[key, *(cell(results[n][split].get(key, {})) for n in names)] for key in keys]
     return [split.removeprefix("by_"), *names], rows
 
 
@@ -227,7 +225,8 @@ def write_report(out: Path, recipe: Recipe, results: dict, items: list[dict], re
     names = list(results)
     intro = (f"Recipe `{recipe.name}`; models {', '.join(f'`{n}`' for n in names)}; "
              f"{results[names[0]].get('examples', 0)} validation conversations scored teacher-forced; "
-             f"{len(items)} prompts generated ({'sampled, T=' + str(recipe.eval.temperature) if recipe.eval.do_sample else 'greedy'}, "
+             f"{len(items)} prompts generated "
+             f"({f'sampled, T={recipe.eval.temperature}' if recipe.eval.do_sample else 'greedy'}, "
              f"up to {recipe.eval.max_new_tokens} new tokens).")
 
     md = [f"# What fine-tuning bought: {recipe.name}", "", intro, "", "## Metrics", "", *md_table(headers, rows), "",
@@ -252,10 +251,12 @@ def write_report(out: Path, recipe: Recipe, results: dict, items: list[dict], re
         item = items[i]
         columns = ([("reference", item["reference"])] if item["reference"] else []) + \
             [(n, reply_cell(replies[n][i])) for n in names]
-        cells = "".join(f'<div class="reply"><h4>{html.escape(n)}</h4><p>{html.escape(t)}</p></div>' for n, t in columns)
+        cells = "".join(f'<div class="reply"><h4>{html.escape(n)}</h4><p>{html.escape(t)}</p></div>'
+                        for n, t in columns)
         samples.append(f'<section class="sample"><h3>{i + 1}. <small>{html.escape(item["source"])}</small></h3>'
                        f'<pre class="prompt">{html.escape(prompt_text(item))}</pre>'
-                       f'<div class="grid" style="grid-template-columns: repeat({len(columns)}, 1fr)">{cells}</div></section>')
+                       f'<div class="grid" style="grid-template-columns: repeat({len(columns)}, 1fr)">{cells}</div>'
+                       "</section>")
     preference_html = "".join(f"<p>{html.escape(line)}</p>" for line in preference_lines(judged)[:1])
     if judged["configured"] and judged["vs"]:
         preference_html += html_table(["vs", "win rate [95%]", "wins / ties / losses", "invalid", "errors",

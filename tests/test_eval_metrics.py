@@ -38,7 +38,8 @@ def test_rouge_l_loads_offline_with_an_empty_hub_cache(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"))
     code = "from pipeline.metrics import rouge_l; print(rouge_l(['a b c d'], ['a b x d'])[0])"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(0.75)
 

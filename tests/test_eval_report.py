@@ -64,7 +64,8 @@ def synthetic_results(names):
             "perplexity_ci95": [6.7, 8.2], "bits_per_byte": 1.2, "bits_per_byte_ci95": [1.1, 1.3], "examples": 3,
             "tokens": 90, "by_turn": {}, "by_language": {}, "prompts": 2, "stop_rate": 0.5, "mean_new_tokens": 10.0,
             "mean_words": 7.0, "distinct_2": 0.8, "loop_rate_4gram": 0.0, "rouge_l": 0.2, "rouge_l_ci95": [0.1, 0.3],
-            "rouge_l_prompts": 1, "language_match": 1.0, "language_match_prompts": 2, "generated_tokens_per_second": 5.0}
+            "rouge_l_prompts": 1, "language_match": 1.0, "language_match_prompts": 2,
+            "generated_tokens_per_second": 5.0}
     return {name: dict(base) for name in names}
 
 
