@@ -1,11 +1,14 @@
 """`python -m pipeline <stage> --recipe <file> [--overwrite] [--section.key=value ...]`
 
+Tools beside the stages: `python -m pipeline bench --recipe <file> [--steps N] ...` (see pipeline/bench.py).
+
 Also runs under `accelerate launch [--config_file recipes/accelerate/<cfg>.yaml] -m pipeline ...`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -27,11 +30,18 @@ STAGES = {
     "merge": merge,
     "eval": evaluate,
 }
+# Commands that are not stages: they write no stage directory and take their own arguments.
+TOOLS = {
+    "bench": "pipeline.bench",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
-    parser.add_argument("stage", choices=[*STAGES, "sft"])
+    parser.add_argument("stage", choices=[*STAGES, "sft", *TOOLS])
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/small.yaml")
     parser.add_argument("--overwrite", action="store_true", help="replace a stage built from another recipe")
     args, overrides = parser.parse_known_args(argv)

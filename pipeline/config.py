@@ -69,6 +69,10 @@ class DataConfig:
     num_proc: int = 1
     """Processes used to render and tokenize (forked workers; the output does not depend on it),
     and by TRL to prepare the training set."""
+    cache_dir: str = "~/.cache/sft-pipeline/data"
+    """Built splits are cached here under a content address (these settings but num_proc, the source
+    file's bytes, the tokenizer files, the chat template, the data code), so a rebuild with the same
+    inputs, into any run directory, links the cached files in seconds. Empty disables the cache."""
 
 
 @dataclass
@@ -104,9 +108,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
     dtype: str = "auto"
-    """Compute dtype: `auto` is bfloat16 on GPU and float32 on CPU."""
+    """Weights and compute dtype: `auto` is bfloat16 on GPU and on CPUs that multiply bf16 natively
+    (AVX512-BF16 or AMX: ~2.5x the fp32 matmul rate), float32 on other CPUs."""
     attn_implementation: str = "auto"
-    """`auto` picks a kernel the architecture supports (sdpa, eager for Gemma 3 on CPU)."""
+    """`auto`: with packing, per-document attention (flash_attention_2 when installed on CUDA, else
+    `sdpa_packed`, sdpa run per packed document; see pipeline/speed.py); without packing, sdpa."""
+    lm_head: str = "auto"
+    """Loss head. `compact`: only positions in the loss are scored, a few hundred at a time over the
+    whole vocabulary, with the gradient formed in the forward pass (pipeline/speed.py); `trl`: TRL's
+    fused head, which on devices without Triton scores every position. `auto`: `trl` on CUDA
+    (its Triton path already skips ignored positions), `compact` elsewhere."""
+    threads: int = 0
+    """CPU threads for torch ops; 0 takes one per CPU found idle when training starts, since on a
+    shared CPU extra threads stall every op. Left to torch on CUDA."""
     seed: int = 42
     """Seed for adapter init, dropout and data order."""
     logging_steps: int = 5

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import random
 import re
+import shutil
 import statistics
 import sys
 import threading
@@ -562,6 +565,88 @@ def tokenize_parallel(threads: list[dict], tokenizer, template: str, max_length:
     return rows
 
 
+# --------------------------------------------------------------------------- cache
+
+# What a build writes that depends on its inputs only; README.md (names the recipe) and report.json
+# (timings) are rewritten on a cache hit.
+CACHED_FILES = ("train.parquet", "validation.parquet", "chat_template.jinja", "quarantine.jsonl", "report.json")
+# Files of a model directory that are not the tokenizer: weights and stage bookkeeping.
+NOT_TOKENIZER = {".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5"}
+STAGE_FILES = {artifacts.COMPLETE, "metrics.json", "provenance.json", "recipe.yaml", "source.json"}
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(cfg: DataConfig, base_dir: Path) -> str:
+    """Content address of a build: the same key means the same files, whatever the paths.
+
+    Covers the data settings (but `num_proc` and `cache_dir`, which do not change the output), the
+    source's bytes (a Hub dataset by its id, as the stage itself does), every tokenizer file of the
+    base, the templates a `chat_template` choice can resolve to, this module's code, and the versions
+    of the libraries that tokenize.
+    """
+    from importlib import metadata
+
+    source = Path(cfg.source)
+    templates = sorted(TEMPLATES.glob("*.jinja"))
+    if cfg.chat_template not in ("auto", "gemma", "chatml"):
+        templates.append(Path(cfg.chat_template))
+    tokenizer_files = sorted(p for p in Path(base_dir).iterdir()
+                             if p.is_file() and p.suffix not in NOT_TOKENIZER and p.name not in STAGE_FILES)
+    key = {
+        "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("num_proc", "cache_dir")},
+        "source": {"sha256": file_digest(source)} if source.is_file() else {"hub": cfg.source},
+        "tokenizer": {p.name: file_digest(p) for p in tokenizer_files},
+        "templates": {str(p): file_digest(p) for p in templates if p.is_file()},
+        "code": file_digest(Path(__file__)),
+        "libraries": {name: metadata.version(name) for name in ("tokenizers", "transformers", "jinja2")},
+    }
+    return artifacts.fingerprint(key)
+
+
+def cache_dir_for(cfg: DataConfig, base_dir: Path) -> Path | None:
+    return Path(cfg.cache_dir).expanduser() / cache_key(cfg, base_dir) if cfg.cache_dir else None
+
+
+def restore_cached(cache: Path, out: Path) -> dict | None:
+    """Link a cached build into `out`; its report, or None when the cache holds no complete build."""
+    if not (cache / artifacts.COMPLETE).exists():
+        return None
+    for name in CACHED_FILES:
+        target = out / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(cache / name, target)
+        except OSError:
+            shutil.copy2(cache / name, target)
+    return json.loads((cache / "report.json").read_text())
+
+
+def store_cached(out: Path, cache: Path) -> None:
+    """Copy a finished build into the cache: staged, then renamed, so a reader never sees half of it."""
+    if (cache / artifacts.COMPLETE).exists():
+        return
+    staging = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in CACHED_FILES:
+        try:
+            os.link(out / name, staging / name)
+        except OSError:
+            shutil.copy2(out / name, staging / name)
+    (staging / artifacts.COMPLETE).write_text("")
+    try:
+        staging.rename(cache)
+    except OSError:  # another process stored the same build first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -589,11 +674,20 @@ def build_data(recipe: Recipe, overwrite: bool = False) -> Path:
     source = Path(cfg.source)
     source_id = {"path": str(source.resolve()), "bytes": source.stat().st_size,
                  "mtime": int(source.stat().st_mtime)} if source.exists() else {"hub": cfg.source}
-    inputs = {"data": dataclasses.asdict(cfg), "source": source_id, "base": artifacts.upstream(base_dir)}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}  # where, not what
+    inputs = {"data": settings, "source": source_id, "base": artifacts.upstream(base_dir)}
     if artifacts.begin(out, inputs, overwrite):
         log.info("data: reusing %s", out)
         return out
     start = time.perf_counter()
+    cache = cache_dir_for(cfg, base_dir)
+    cached = restore_cached(cache, out) if cache else None
+    if cached is not None:
+        log.info("data: cache hit %s", cache)
+        report = cached | {"source": cfg.source, "cache_hit": True, "seconds": round(time.perf_counter() - start, 2)}
+        artifacts.write_json(out / "report.json", report)
+        (out / "README.md").write_text(data_card(recipe, report))
+        return artifacts.finish(out, "data", inputs, recipe, report)
     skipped = []
     trees, n_records, layout = load_trees(cfg.source, skipped, cfg.hub_splits)
     threads = extract_threads(trees, cfg, skipped)
@@ -633,10 +727,13 @@ def build_data(recipe: Recipe, overwrite: bool = False) -> Path:
         "languages": dict(Counter(r["lang"] for rows in splits.values() for r in rows).most_common()),
         "turns": dict(sorted(Counter(len(r["messages"]) // 2 for r in splits["train"]).items())),
         "end_of_turn_token": tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer, template)),
+        "cache_hit": False,
         "seconds": round(time.perf_counter() - start, 2),
     }
     artifacts.write_json(out / "report.json", report)
     (out / "README.md").write_text(data_card(recipe, report))
+    if cache:
+        store_cached(out, cache)
     return artifacts.finish(out, "data", inputs, recipe, report)
 
 

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, checkpoints, distributed
+from pipeline import artifacts, checkpoints, distributed, speed
 from pipeline.config import Recipe, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -26,23 +26,32 @@ TRAIN_COLUMNS = ["input_ids", "assistant_masks"]
 
 def compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        # bf16 matmuls are emulated on CPUs without AVX-512 BF16, so fp32 is faster there.
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        # bf16 matmuls are emulated on CPUs without AVX-512 BF16 (or AMX), so fp32 is faster there; with
+        # them bf16 runs ~2.5x the fp32 matmul rate (bench.py).
+        return torch.bfloat16 if torch.cuda.is_available() or speed.native_cpu_bf16() else torch.float32
     return getattr(torch, name)
 
 
-def attention_implementation(choice: str, model_type: str) -> str:
+def attention_implementation(choice: str, model_type: str, packing: bool = False) -> str:
+    if choice == speed.PACKED_ATTENTION:
+        return speed.register_packed_attention()
     if choice != "auto":
         return choice
-    # sdpa is faster and handles sliding windows and padding-free packing (a block-diagonal mask from
-    # restarted position_ids); architectures whose attention it cannot express (Gemma 2's logit
-    # soft-capping, attention sinks) declare `_supports_sdpa = False` and get eager.
+    # Architectures whose attention sdpa cannot express (Gemma 2's logit soft-capping, attention
+    # sinks) declare `_supports_sdpa = False` and get eager.
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     model_class = getattr(transformers, name, None) if isinstance(name, str) else None
-    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+    if not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    # sdpa handles Gemma 3's sliding windows. Packed (padding-free) batches get per-document attention
+    # instead of sdpa over one dense block-diagonal mask: flash-attention's varlen kernel where it is
+    # installed (CUDA), else speed.py's per-document sdpa.
+    if packing:
+        return "flash_attention_2" if speed.flash_attention_available() else speed.register_packed_attention()
+    return "sdpa"
 
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -61,6 +70,29 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 
 def load_split(data_dir: Path, split: str) -> Dataset:
     return Dataset.from_parquet(str(data_dir / f"{split}.parquet")).select_columns(TRAIN_COLUMNS)
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+def use_fast_paths(trainer: SFTTrainer, cfg: TrainConfig) -> None:
+    """The LM head (`train.lm_head`) and CPU threads (`train.threads`) the recipe asks for; see speed.py.
+
+    TRL scores every position with its fused LM head on devices without Triton, in (4096 x 32768)
+    fp32 tiles it recomputes in backward; the compact head scores only the loss positions and is
+    2-4x faster on CPU and a fraction of the memory. On CUDA TRL's Triton head already compacts.
+    """
+    torch.set_num_threads(speed.resolve_threads(cfg.threads))
+    head = cfg.lm_head if cfg.lm_head != "auto" else ("trl" if torch.cuda.is_available() else "compact")
+    if head == "compact":
+        model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        if not speed.add_compact_lm_head(model):
+            log.warning("train.lm_head=compact does not cover this model (logit scale, bias or trainable head); "
+                        "keeping TRL's fused head")
+    elif head != "trl":
+        raise ValueError(f"train.lm_head={cfg.lm_head!r}: expected auto, compact or trl")
 
 
 def load_model(path: Path, dtype: torch.dtype, attn: str):
@@ -125,10 +157,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model_type = AutoConfig.from_pretrained(base_dir).model_type
-    model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, model_type))
+    model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, model_type, cfg.packing))
     train_set = load_split(data_dir, "train")
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    lora = lora_config(cfg)
     if group.is_main_process:
         log.info("train: %d process(es) x %d sequences x %d accumulation steps = global batch %d",
                  group.num_processes, args.per_device_train_batch_size, args.gradient_accumulation_steps,
@@ -136,6 +167,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     interrupt = checkpoints.Interrupt()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=lora, callbacks=reliability_callbacks(interrupt))
+    use_fast_paths(trainer, cfg)
     # Counted before training wraps (FSDP) or partitions (ZeRO-3) the parameters.
     trainable = trainer.model.get_nb_trainable_parameters()[0]
     start = time.perf_counter()
