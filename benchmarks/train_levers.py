@@ -63,8 +63,9 @@ def build(recipe, model_dir, data, tokenizer, weights: torch.dtype, dropout: flo
     args = train.sft_config(cfg, recipe, work, world_size=1, dtype=weights)
     model = train.load_model(model_dir, weights, speed.register_packed_attention())
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=train.lora_config(cfg))
+                         peft_config=train.lora_config(cfg, tokenizer))
     causal = trainer.model.get_base_model()
+    train.expose_head_bias(causal)
     trl_forward = causal.forward
     speed.add_compact_lm_head(causal)
     trainer.model.train()

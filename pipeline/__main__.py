@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 
 from pipeline import distributed
 from pipeline.artifacts import StageConflict
@@ -67,9 +68,10 @@ def run_stages(args, overrides: list[str]) -> int:
     if "train" in stages:
         batch_layout(recipe.train, group.num_processes)  # a global batch the launch cannot split fails now
     for name, run in stages.items():
+        start = time.perf_counter()
         path = run_stage(name, run, recipe, args.overwrite, group)
         if group.is_main_process:
-            print(f"[{name}] -> {path}", flush=True)
+            print(f"[{name}] -> {path} ({time.perf_counter() - start:.1f} s)", flush=True)
     return 0
 
 

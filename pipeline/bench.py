@@ -41,6 +41,7 @@ import torch
 
 from pipeline import speed, train
 from pipeline.config import Recipe, load_recipe
+from pipeline.data import chat_template_for
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def prepare_model(recipe: Recipe, args, work: Path) -> tuple[Path, object]:
         tokenizer = byte_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The data stage's template: it names the turn tokens that train beside the adapters.
+    tokenizer.chat_template = chat_template_for(tokenizer, recipe.data.chat_template)
     if not (model_dir / "tokenizer_config.json").exists():
         tokenizer.save_pretrained(model_dir)  # TRL loads the baseline's tokenizer next to its weights
     return model_dir, tokenizer
@@ -120,8 +123,9 @@ def baseline_trainer(model_dir: Path, data, tokenizer, recipe: Recipe, steps: in
     args = SFTConfig(output_dir=str(out), max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
                      use_cpu=not torch.cuda.is_available(), seed=recipe.train.seed)
     trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=train.lora_config(recipe.train))
+                         peft_config=train.lora_config(recipe.train, tokenizer))
     model = trainer.model.get_base_model()
+    train.expose_head_bias(model)
     describe = (f"TRL defaults: {args.per_device_train_batch_size} padded sequences per step, max_length "
                 f"{args.max_length}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
                 f"{dtype_name(model.dtype)} weights{' + bf16 autocast' if args.bf16 else ''}, "
@@ -140,7 +144,7 @@ def recipe_trainer(model_dir: Path, data, tokenizer, recipe: Recipe, steps: int,
     model = train.load_model(model_dir, dtype, train.attention_implementation(cfg.attn_implementation, "",
                                                                               cfg.packing))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=train.lora_config(cfg))
+                         peft_config=train.lora_config(cfg, tokenizer))
     train.use_fast_paths(trainer, cfg)
     micro, accumulation = train.batch_layout(cfg, 1)
     layout = (f"packed rows of {recipe.data.max_length} tokens, {micro} per micro-step x {accumulation}"

@@ -85,6 +85,12 @@ class TrainConfig:
     """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` or a list of module names."""
+    trainable_tokens: str | list[str] = "template"
+    """Tokens whose embedding rows train beside the adapters (PEFT `trainable_token_indices`; the tied LM-head
+    rows with them): `template` takes the special tokens written in the chat template (Gemma's
+    `<start_of_turn>`, `<end_of_turn>`), a list names tokens, `[]` trains none. A base model never saw its
+    turn tokens in pretraining (Gemma-3-270m gives `<end_of_turn>` log-probability ~-37 at a reply's end),
+    and adapters on the linear layers alone do not lift that far enough in a short run to make it stop."""
     epochs: float = 1.0
     """Passes over the training split (ignored when `max_steps` > 0)."""
     max_steps: int = -1

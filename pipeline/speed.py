@@ -142,13 +142,15 @@ def register_packed_attention() -> str:
 class CompactLinearCrossEntropy(torch.autograd.Function):
     """log p(target) of `hidden @ weight.T` for N loss positions, never holding more than (chunk x vocab) logits.
 
-    Returns (log_probs, entropy, is_top1), each of shape (N,); only log_probs has a gradient, and only with
-    respect to `hidden` (the LM head is frozen under LoRA). The gradient d log p / d hidden is computed in
-    forward, so backward is one multiply. Logits are accumulated in fp32 whatever the compute dtype.
+    Returns (log_probs, entropy, is_top1), each of shape (N,); only log_probs has a gradient. The LM head is
+    frozen under LoRA except for `row_values`: the rows `row_index` of `weight` that PEFT trains in place
+    (`trainable_token_indices`, e.g. a base model's unseen end-of-turn token, tied to the embedding). The
+    gradients d log p / d hidden and d log p / d logits[:, row_index] are computed in forward, so backward is
+    two small multiplies. Logits are accumulated in fp32 whatever the compute dtype.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk):
+    def forward(ctx, hidden, weight, targets, softcap, chunk, row_index=None, row_values=None):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -158,6 +160,9 @@ class CompactLinearCrossEntropy(torch.autograd.Function):
         is_top1 = torch.empty(n, device=hidden.device, dtype=torch.bool)
         d_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
         w = weight.to(dtype)
+        if row_values is not None:
+            w = w.index_copy(0, row_index, row_values.to(dtype))
+            d_rows = torch.empty((n, len(row_index)), device=hidden.device, dtype=torch.float32)
         # Three (chunk x vocab) buffers, reused by every chunk: fresh multi-hundred-MB tensors would cost a page
         # fault per 4 KiB on CPU each time.
         logits = torch.empty((chunk, vocab), device=hidden.device, dtype=dtype)
@@ -189,18 +194,30 @@ class CompactLinearCrossEntropy(torch.autograd.Function):
                 e.scatter_add_(1, target, torch.full_like(target_z, -1.0))  # p - onehot
                 if softcap is not None:
                     e *= 1 - tanh * tanh
+                if row_values is not None:
+                    d_rows[start:end] = e[:, row_index].neg()
                 grad_logits = e if dtype == torch.float32 else zl.copy_(e)
                 d_hidden[start:end] = torch.mm(grad_logits, w).float().neg_()
-        ctx.save_for_backward(d_hidden)
-        ctx.hidden_dtype = hidden.dtype
+        if row_values is None:
+            ctx.save_for_backward(d_hidden)
+        else:
+            ctx.save_for_backward(d_hidden, d_rows, hidden)
+        ctx.dtypes = hidden.dtype, None if row_values is None else row_values.dtype
         ctx.mark_non_differentiable(entropy, is_top1)
         return log_probs, entropy, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, *_):
-        (d_hidden,) = ctx.saved_tensors
-        grad = None if grad_log_probs is None else (d_hidden * grad_log_probs[:, None]).to(ctx.hidden_dtype)
-        return grad, None, None, None, None
+        hidden_dtype, rows_dtype = ctx.dtypes
+        d_hidden, *rows = ctx.saved_tensors
+        if grad_log_probs is None:
+            return None, None, None, None, None, None, None
+        grad_hidden = (d_hidden * grad_log_probs[:, None]).to(hidden_dtype)
+        grad_rows = None
+        if rows:  # d log p / d w_j = d log p / d z_j * hidden, summed over positions
+            d_rows, hidden = rows
+            grad_rows = torch.mm((d_rows * grad_log_probs[:, None]).t(), hidden.float()).to(rows_dtype)
+        return grad_hidden, None, None, None, None, None, grad_rows
 
 
 # Logits alive at once in the compact head: chunk x vocab ~ 2**25 (128 tokens for Gemma's 262k vocabulary).
@@ -208,12 +225,31 @@ class CompactLinearCrossEntropy(torch.autograd.Function):
 LOGITS_PER_CHUNK = 2**25
 
 
+def head_parts(head) -> tuple | None:
+    """(frozen weight, trained row indices, their values) of an LM head; None if the whole head trains.
+
+    A head wrapped by PEFT's `trainable_token_indices` (directly or tied to the embedding) is its frozen
+    weight with a few rows replaced: reading `.weight` through the wrapper would copy the whole matrix.
+    """
+    tokens = getattr(head, "token_adapter", None)
+    if tokens is None:
+        return None if head.weight.requires_grad else (head.weight, None, None)
+    active = [name for name in tokens.active_adapters if name in tokens.token_indices]
+    frozen = tokens.get_base_layer().weight
+    if tokens.merged or tokens.disable_adapters or not active:
+        return (frozen, None, None) if not frozen.requires_grad else None
+    if len(active) > 1 or frozen.requires_grad:
+        return None
+    index = torch.tensor(tokens.token_indices[active[0]], device=frozen.device)
+    return frozen, index, tokens.trainable_tokens_delta[active[0]]
+
+
 def add_compact_lm_head(model, chunk: int | None = None) -> bool:
     """Replace TRL's fused LM head on `model` (after `SFTTrainer` added it) with the compact one above.
 
     Keeps TRL's calling convention, so `SFTTrainer.compute_loss` and its entropy / token-accuracy metrics
     are unchanged. Returns False, leaving TRL's head, for what this head does not cover: logit scales,
-    an LM-head bias or a trainable LM head, MoE router losses, pre-shifted labels.
+    an LM-head bias, a wholly trainable LM head, MoE router losses, pre-shifted labels.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -221,7 +257,7 @@ def add_compact_lm_head(model, chunk: int | None = None) -> bool:
     head = model.get_output_embeddings()
     scaled = any(getattr(text_config, name, None) is not None
                  for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    if (scaled or head is None or getattr(head, "bias", None) is not None or head.weight.requires_grad
+    if (scaled or head is None or getattr(head, "bias", None) is not None or head_parts(head) is None
             or getattr(text_config, "output_router_logits", False)):
         return False
     softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -231,16 +267,16 @@ def add_compact_lm_head(model, chunk: int | None = None) -> bool:
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
-        if not fused_lm_head or labels is None or shift_labels is not None or self.get_output_embeddings().weight.requires_grad:
+        parts = head_parts(self.get_output_embeddings())
+        if not fused_lm_head or labels is None or shift_labels is not None or parts is None:
             return fallback(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                             num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:].to(hidden.device)
         mask = labels != -100
-        weight = self.get_output_embeddings().weight
         log_probs, entropy, is_top1 = CompactLinearCrossEntropy.apply(
-            hidden[mask], weight, labels[mask], softcap, chunk)
+            hidden[mask], parts[0], labels[mask], softcap, chunk, *parts[1:])
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not an error)
         log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
                                        for x in (log_probs, entropy, is_top1))

@@ -72,9 +72,28 @@ def load_split(data_dir: Path, split: str) -> Dataset:
     return Dataset.from_parquet(str(data_dir / f"{split}.parquet")).select_columns(TRAIN_COLUMNS)
 
 
-def lora_config(cfg: TrainConfig) -> LoraConfig:
+def trainable_token_ids(cfg: TrainConfig, tokenizer) -> list[int]:
+    """Ids of the tokens `train.trainable_tokens` names; `tokenizer` carries the training chat template."""
+    if cfg.trainable_tokens == "template":
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        # BOS is written as a variable and trained as every row's first input; pad never reaches the loss.
+        names = [t.content for t in tokenizer.added_tokens_decoder.values()
+                 if t.special and t.content in template and t.content not in (tokenizer.bos_token, tokenizer.pad_token)]
+    elif isinstance(cfg.trainable_tokens, list):
+        names = cfg.trainable_tokens
+    else:
+        raise ValueError(f"train.trainable_tokens={cfg.trainable_tokens!r}: expected `template` or a list of tokens")
+    vocab = tokenizer.get_vocab()
+    unknown = [name for name in names if name not in vocab]
+    if unknown:
+        raise ValueError(f"train.trainable_tokens: {unknown} are not tokens of this tokenizer")
+    return sorted({vocab[name] for name in names})
+
+
+def lora_config(cfg: TrainConfig, tokenizer) -> LoraConfig:
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM",
+                      trainable_token_indices=trainable_token_ids(cfg, tokenizer) or None)
 
 
 def use_fast_paths(trainer: SFTTrainer, cfg: TrainConfig) -> None:
@@ -85,14 +104,26 @@ def use_fast_paths(trainer: SFTTrainer, cfg: TrainConfig) -> None:
     2-4x faster on CPU and a fraction of the memory. On CUDA TRL's Triton head already compacts.
     """
     torch.set_num_threads(speed.resolve_threads(cfg.threads))
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    expose_head_bias(model)
     head = cfg.lm_head if cfg.lm_head != "auto" else ("trl" if torch.cuda.is_available() else "compact")
     if head == "compact":
-        model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         if not speed.add_compact_lm_head(model):
             log.warning("train.lm_head=compact does not cover this model (logit scale, bias or trainable head); "
                         "keeping TRL's fused head")
     elif head != "trl":
         raise ValueError(f"train.lm_head={cfg.lm_head!r}: expected auto, compact or trl")
+
+
+def expose_head_bias(model) -> None:
+    """Let TRL's fused head read `lm_head.bias` through PEFT's trainable-token wrapper.
+
+    With `trainable_token_indices` on a tied model PEFT wraps the LM head in a `TrainableTokensWrapper`, which
+    forwards `.weight` (with the trained rows) but not `.bias`; TRL 1.16 reads both (peft 0.21.2).
+    """
+    head = model.get_output_embeddings()
+    if hasattr(head, "token_adapter") and "bias" not in vars(head) and getattr(head.original_module, "bias", None) is None:
+        head.bias = None
 
 
 def load_model(path: Path, dtype: torch.dtype, attn: str):
@@ -159,7 +190,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     model_type = AutoConfig.from_pretrained(base_dir).model_type
     model = load_model(base_dir, dtype, attention_implementation(cfg.attn_implementation, model_type, cfg.packing))
     train_set = load_split(data_dir, "train")
-    lora = lora_config(cfg)
+    lora = lora_config(cfg, tokenizer)
     if group.is_main_process:
         log.info("train: %d process(es) x %d sequences x %d accumulation steps = global batch %d",
                  group.num_processes, args.per_device_train_batch_size, args.gradient_accumulation_steps,

@@ -94,3 +94,17 @@ def test_merged_model_loads_without_peft_and_matches_the_adapter_model(run_dir):
     with adapted.disable_adapter(), torch.no_grad():
         untuned = adapted(input_ids=torch.tensor(input_ids)).logits[0]
     assert (untuned - expected).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_the_turn_tokens_train_with_the_adapters_and_no_other_embedding_row(run_dir):
+    """A base model's turn tokens are untrained; `train.trainable_tokens: template` trains exactly their rows
+    (tied to the LM head), and the merge writes them into the exported embedding."""
+    from safetensors.torch import load_file
+
+    key = "model.embed_tokens.weight"
+    base = load_file(run_dir / "base" / "model.safetensors")[key]
+    merged = load_file(run_dir / "merged" / "model.safetensors")[key]
+    changed = (base != merged).any(-1).nonzero().flatten().tolist()
+    assert changed == [4, 5]  # byte_tokenizer: <start_of_turn> <end_of_turn>
+    config = json.loads((run_dir / "merged" / "config.json").read_text())
+    assert config.get("tie_word_embeddings", True)  # so the LM head's rows are the trained ones too

@@ -207,7 +207,9 @@ def golden_run(out: Path):
     from pipeline.train import train
 
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    overrides = golden.get("overrides", ["--data.max_length=1024", "--train.max_steps=5", "--train.logging_steps=1"])
+    overrides = golden.get("overrides", ["--data.max_length=1024", "--train.max_steps=5", "--train.logging_steps=1",
+                                           # auto would pick bf16 on CPUs with native bf16 and fp32 elsewhere
+                                           "--train.dtype=float32"])
     r = recipe(out, *overrides)
     for stage in (import_base, build_data, train, merge):
         stage(r)

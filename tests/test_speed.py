@@ -85,6 +85,30 @@ def test_compact_cross_entropy_matches_log_softmax_and_its_gradient(softcap):
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_compact_cross_entropy_trains_the_rows_peft_trains_in_place(softcap):
+    """`trainable_token_indices` rows (a base model's unseen turn tokens): the head uses their trained values
+    and returns their gradient, the rest of the head stays frozen."""
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    weight, targets = torch.randn(300, 16, dtype=torch.float64), torch.randint(0, 300, (50,))
+    rows = torch.tensor([5, 299, 17])
+    targets[:10] = 299  # some positions whose target is a trained row, the rest only see it in the softmax
+    values = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    log_probs, _, _ = speed.CompactLinearCrossEntropy.apply(hidden, weight, targets, softcap, 7, rows, values)
+    logits = hidden @ weight.index_copy(0, rows, values).T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(log_probs.double(), expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(50, dtype=torch.float64)
+    grads = torch.autograd.grad((log_probs * weights).sum(), (hidden, values))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, values))
+    assert expected_grads[1].abs().min() > 0
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- real training runs
 
 
