@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--template", default="auto", help="chat template: auto, gemma, chatml or a .jinja path")
     parser.add_argument("--unbatched-per-batch", type=int, default=0,
                         help="time this many prompts of each batch one at a time and scale to the batch (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lines = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     model, tokenizer = load_for_eval(Path(args.model), torch.float32)
