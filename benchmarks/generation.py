@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--template", default="auto", help="chat template: auto, gemma, chatml or a .jinja path")
     parser.add_argument("--unbatched-per-batch", type=int, default=0,
                         help="time this many prompts of each batch one at a time and scale to the batch (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lines = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
     model, tokenizer = load_for_eval(Path(args.model), torch.float32)
@@ -77,22 +80,26 @@ def main() -> None:
     generate_replies(model, tokenizer, ordered[-2:], stop_ids, EvalConfig(max_new_tokens=2), desc="warm-up")
     one_prompt(model, tokenizer, ordered[-1], stop_ids, 2)
 
-    batched_s = unbatched_s = 0.0
+    # CPU time next to wall time: with --threads 1 it barely moves with other jobs' load, while wall time
+    # on a shared 2-core machine can swing several times within minutes.
+    batched_s = unbatched_s = batched_cpu = unbatched_cpu = 0.0
     batched_tokens = unbatched_tokens = timed = same = 0
     for number, batch in enumerate(batches, start=1):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         replies = generate_replies(model, tokenizer, batch, stop_ids, cfg, desc=f"batch {number}/{len(batches)}")
         batched_s += time.perf_counter() - start
+        batched_cpu += time.process_time() - cpu
         batched_tokens += sum(r["new_tokens"] + r["stopped"] for r in replies)
         k = args.unbatched_per_batch or len(batch)
         picks = sorted({round(i * (len(batch) - 1) / max(k - 1, 1)) for i in range(min(k, len(batch)))})
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in picks:
             tokens = one_prompt(model, tokenizer, batch[i], stop_ids, args.max_new_tokens)
             unbatched_tokens += len(tokens)
             kept = next((tokens[:j] for j, t in enumerate(tokens) if t in stop_ids), tokens)
             same += tokenizer.decode(kept, skip_special_tokens=True).strip() == replies[i]["text"]
         unbatched_s += (time.perf_counter() - start) * len(batch) / len(picks)
+        unbatched_cpu += (time.process_time() - cpu) * len(batch) / len(picks)
         timed += len(picks)
         print(f"batch {number}: batched {batched_s:.1f} s, unbatched {unbatched_s:.1f} s so far; "
               f"load avg {load_avg()}", flush=True)
@@ -104,6 +111,8 @@ def main() -> None:
           f"{unbatched_tokens * len(conversations) / timed:.0f} tokens, "
           f"{unbatched_tokens * len(conversations) / timed / unbatched_s:.1f} tok/s")
     print(f"greedy replies identical batched vs unbatched: {same}/{timed}")
+    print(f"CPU time: batched {batched_cpu:.1f} s, unbatched {unbatched_cpu:.1f} s, "
+          f"ratio {unbatched_cpu / batched_cpu:.2f}x (threads {torch.get_num_threads()})")
     print(f"speedup {unbatched_s / batched_s:.2f}x (unbatched {unbatched_s:.1f} s / batched {batched_s:.1f} s, "
           f"batch {args.batch_size}, load avg {load_avg()})")
 

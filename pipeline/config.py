@@ -186,6 +186,9 @@ class EvalConfig:
     batch_size: int = 16
     """Rows per batch: prompts per generation batch (sorted by length, so batches pad little), and the most
     conversations per teacher-forced pass."""
+    threads: int = 0
+    """torch CPU threads while evaluating; 0 keeps torch's default (one per core). On a CPU shared with other
+    jobs, 1 can be several times faster: threads of one operation wait for each other's time slices."""
     score_batch_tokens: int = 1024
     """Token budget (rows x padded length) of one teacher-forced forward pass: bounds the logits memory,
     which for a 262k vocabulary is 1 MiB per token in fp32."""

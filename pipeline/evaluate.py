@@ -428,10 +428,15 @@ def evaluate(recipe: Recipe, overwrite: bool = False) -> Path:
     rows = Dataset.from_parquet(str(data_dir / "validation.parquet")).to_list()
     items = generation_items(cfg, rows)
     results, replies = {}, {}
-    for name, path in paths.items():
-        results[name], replies[name] = evaluate_model(name, path, recipe, rows, items)
-        log.info("eval %s: nll %.4f, stop rate %.2f, %d prompts", name,
-                 results[name].get("assistant_nll", float("nan")), results[name]["stop_rate"], len(items))
+    default_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads or default_threads)
+        for name, path in paths.items():
+            results[name], replies[name] = evaluate_model(name, path, recipe, rows, items)
+            log.info("eval %s: nll %.4f, stop rate %.2f, %d prompts", name,
+                     results[name].get("assistant_nll", float("nan")), results[name]["stop_rate"], len(items))
+    finally:
+        torch.set_num_threads(default_threads)
     judged, judgements = preference(cfg, items, replies)
     results[judged["anchor"]]["judge"] = judged
     with open(out / "generations.jsonl", "w") as handle:
