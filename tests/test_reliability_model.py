@@ -17,10 +17,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from pipeline.config import BaseConfig, load_recipe
+from pipeline.config import BaseConfig, TrainConfig, load_recipe
 from pipeline.data import end_of_turn_id, tokenize_threads
 from pipeline.import_base import byte_tokenizer, random_model
-from pipeline.train import attention_implementation
+from pipeline.train import attention_implementation, trainable_token_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reliability_helpers import ROOT, sentence  # noqa: E402
@@ -350,3 +350,15 @@ def test_attention_implementation_is_supported_per_architecture():
         cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         chosen = attention_implementation("auto", model_type)
         assert chosen == "eager" or cls._supports_sdpa
+
+
+def test_trainable_tokens_are_the_special_tokens_written_in_the_template():
+    tokenizer = byte_tokenizer()  # <pad> <eos> <bos> <unk> <start_of_turn> <end_of_turn>, then bytes
+    tokenizer.chat_template = TEMPLATES["gemma"]
+    assert trainable_token_ids(TrainConfig(), tokenizer) == [4, 5]  # not <bos>, which every row trains as input
+    tokenizer.chat_template = TEMPLATES["chatml"]  # its markers are not tokens of this tokenizer: nothing to train
+    assert trainable_token_ids(TrainConfig(), tokenizer) == []
+    assert trainable_token_ids(TrainConfig(trainable_tokens=["<end_of_turn>"]), tokenizer) == [5]
+    assert trainable_token_ids(TrainConfig(trainable_tokens=[]), tokenizer) == []
+    with pytest.raises(ValueError, match="not tokens of this tokenizer"):
+        trainable_token_ids(TrainConfig(trainable_tokens=["<|im_end|>"]), tokenizer)
