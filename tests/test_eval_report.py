@@ -108,6 +108,8 @@ def reference_model(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """`python -m pipeline sft` on the tiny recipe with a reference model and a local judge."""
+    if not (ROOT / DATA).is_file():
+        pytest.skip(f"{DATA} is not beside this checkout")
     tmp = tmp_path_factory.mktemp("eval_e2e")
     reference = reference_model(tmp / "reference")
     with judge_server(max_requests=100) as (server, url):
