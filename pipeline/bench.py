@@ -271,6 +271,8 @@ def flop_terms(trainer) -> dict:
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
+    # PEFT's trainable-token wrapper holds the real head inside it; counted there it would pass for a body layer.
+    head = getattr(head, "original_module", head)
     n_body = sum(m.weight.numel() for name, m in base.named_modules()
                  if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,21 @@ def test_compact_cross_entropy_trains_the_rows_peft_trains_in_place(softcap):
     assert expected_grads[1].abs().min() > 0
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_mfu_counts_the_lm_head_once_when_turn_tokens_train():
+    """PEFT wraps a tied head for `trainable_token_indices`; its inner Linear is still the head, not body."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline import bench
+
+    terms = []
+    for tokens in (None, [4, 5]):
+        lora = LoraConfig(r=4, target_modules="all-linear", trainable_token_indices=tokens, task_type="CAUSAL_LM")
+        terms.append(bench.flop_terms(types.SimpleNamespace(model=get_peft_model(tiny_model("sdpa"), lora))))
+    plain, with_tokens = terms
+    assert with_tokens["n_body"] == plain["n_body"] and with_tokens["vocab"] == plain["vocab"] == 262
+    assert with_tokens["n_lora"] == plain["n_lora"] + 2 * plain["d"]
 
 
 # --------------------------------------------------------------------------- real training runs
