@@ -118,8 +118,13 @@ def link_tree(src: Path, dst: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        link_file(path, target)
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """Hard-link `src` at `dst`, replacing it; a copy where a link cannot be made (another filesystem)."""
+    Path(dst).unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

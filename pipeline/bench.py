@@ -152,12 +152,8 @@ def recipe_trainer(model_dir: Path, data, tokenizer, recipe: Recipe, steps: int,
     describe = (f"recipe {recipe.name}: {layout}, gradient checkpointing "
                 f"{'on' if cfg.gradient_checkpointing else 'off'}, {dtype_name(dtype)} weights"
                 f"{' + bf16 autocast' if args.bf16 else ''}, attention {model.config._attn_implementation}, "
-                f"LM head {lm_head_name(cfg)}")
+                f"LM head {train.lm_head_choice(cfg)}")
     return trainer, describe
-
-
-def lm_head_name(cfg) -> str:
-    return cfg.lm_head if cfg.lm_head != "auto" else ("trl" if torch.cuda.is_available() else "compact")
 
 
 def dtype_name(dtype) -> str:

@@ -619,12 +619,7 @@ def restore_cached(cache: Path, out: Path) -> dict | None:
     if not (cache / artifacts.COMPLETE).exists():
         return None
     for name in CACHED_FILES:
-        target = out / name
-        target.unlink(missing_ok=True)
-        try:
-            os.link(cache / name, target)
-        except OSError:
-            shutil.copy2(cache / name, target)
+        artifacts.link_file(cache / name, out / name)
     return json.loads((cache / "report.json").read_text())
 
 
@@ -636,10 +631,7 @@ def store_cached(out: Path, cache: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in CACHED_FILES:
-        try:
-            os.link(out / name, staging / name)
-        except OSError:
-            shutil.copy2(out / name, staging / name)
+        artifacts.link_file(out / name, staging / name)
     (staging / artifacts.COMPLETE).write_text("")
     try:
         staging.rename(cache)

@@ -232,13 +232,13 @@ def head_parts(head) -> tuple | None:
     weight with a few rows replaced: reading `.weight` through the wrapper would copy the whole matrix.
     """
     tokens = getattr(head, "token_adapter", None)
-    if tokens is None:
-        return None if head.weight.requires_grad else (head.weight, None, None)
-    active = [name for name in tokens.active_adapters if name in tokens.token_indices]
-    frozen = tokens.get_base_layer().weight
-    if tokens.merged or tokens.disable_adapters or not active:
-        return (frozen, None, None) if not frozen.requires_grad else None
-    if len(active) > 1 or frozen.requires_grad:
+    frozen = (head if tokens is None else tokens.get_base_layer()).weight
+    if frozen.requires_grad:
+        return None
+    active = [] if tokens is None else [name for name in tokens.active_adapters if name in tokens.token_indices]
+    if not active or tokens.merged or tokens.disable_adapters:
+        return frozen, None, None
+    if len(active) > 1:
         return None
     index = torch.tensor(tokens.token_indices[active[0]], device=frozen.device)
     return frozen, index, tokens.trainable_tokens_delta[active[0]]
@@ -257,11 +257,12 @@ def add_compact_lm_head(model, chunk: int | None = None) -> bool:
     head = model.get_output_embeddings()
     scaled = any(getattr(text_config, name, None) is not None
                  for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
-    if (scaled or head is None or getattr(head, "bias", None) is not None or head_parts(head) is None
+    parts = None if head is None else head_parts(head)
+    if (scaled or parts is None or getattr(head, "bias", None) is not None
             or getattr(text_config, "output_router_logits", False)):
         return False
     softcap = getattr(text_config, "final_logit_softcapping", None)
-    chunk = chunk or max(16, LOGITS_PER_CHUNK // head.weight.shape[0])
+    chunk = chunk or max(16, LOGITS_PER_CHUNK // parts[0].shape[0])
     fallback = model.forward  # TRL's fused forward, which handles everything else
 
     @functools.wraps(type(model).forward)

@@ -106,13 +106,17 @@ def use_fast_paths(trainer: SFTTrainer, cfg: TrainConfig) -> None:
     torch.set_num_threads(speed.resolve_threads(cfg.threads))
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     expose_head_bias(model)
-    head = cfg.lm_head if cfg.lm_head != "auto" else ("trl" if torch.cuda.is_available() else "compact")
+    head = lm_head_choice(cfg)
     if head == "compact":
         if not speed.add_compact_lm_head(model):
             log.warning("train.lm_head=compact does not cover this model (logit scale, bias or trainable head); "
                         "keeping TRL's fused head")
     elif head != "trl":
         raise ValueError(f"train.lm_head={cfg.lm_head!r}: expected auto, compact or trl")
+
+
+def lm_head_choice(cfg: TrainConfig) -> str:
+    return cfg.lm_head if cfg.lm_head != "auto" else ("trl" if torch.cuda.is_available() else "compact")
 
 
 def expose_head_bias(model) -> None:
@@ -127,8 +131,7 @@ def expose_head_bias(model) -> None:
 
 
 def load_model(path: Path, dtype: torch.dtype, attn: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
 def sft_config(cfg: TrainConfig, recipe: Recipe, output_dir: Path, world_size: int, dtype: torch.dtype) -> SFTConfig:
@@ -217,7 +220,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     trainer.state.save_to_json(str(out / "trainer_state.json"))
     # Checkpoints only serve a resume; a finished stage keeps the final adapter alone.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    trained_tokens = int(sum(sum(m) for m in Dataset.from_parquet(str(data_dir / "train.parquet"))["assistant_masks"]))
+    trained_tokens = int(sum(sum(m) for m in train_set["assistant_masks"]))
     metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0],
